@@ -1,0 +1,282 @@
+"""preload_config.json: schema, location and validation.
+
+Validation is per entry: a broken entry is reported in one log line that names the file, the
+entry and the field, and is skipped; the others still load and ComfyUI still starts. Choices
+that ComfyUI owns (clip types, weight dtypes, devices) are passed in from the running host, never
+copied here, so they cannot go stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from .recipe import ModelKind
+
+log = logging.getLogger("memkit.config")
+
+CONFIG_ENV = "MEMKIT_PRELOAD_CONFIG"
+CONFIG_FILE_NAME = "preload_config.json"
+PACKAGE_CONFIG = Path(__file__).resolve().parent.parent / CONFIG_FILE_NAME
+
+
+@dataclass(frozen=True)
+class HostChoices:
+    """The option lists of the running ComfyUI (see ``service.host_choices``)."""
+
+    clip_types: tuple[str, ...]
+    weight_dtypes: tuple[str, ...]
+    devices: tuple[str, ...] = ("default", "cpu")
+
+
+class ConfigError(ValueError):
+    """The config file as a whole cannot be used (unreadable, not JSON, wrong top level)."""
+
+
+def check_model_name(name: str) -> str:
+    """Reject names that could leave ComfyUI's model folders (absolute paths, ``..``)."""
+    if not name or not name.strip():
+        raise ValueError("must be a non-empty file name")
+    for flavour in (PurePosixPath(name), PureWindowsPath(name)):
+        if flavour.is_absolute() or flavour.anchor:
+            raise ValueError(f"{name!r} is an absolute path; give a name inside ComfyUI's model folders")
+        if ".." in flavour.parts:
+            raise ValueError(f"{name!r} leaves the model folder ('..'); give a name inside ComfyUI's model folders")
+    return name
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[ModelKind]
+    folder: ClassVar[str]
+
+    enabled: bool = True
+    cache_key: str = ""
+    description: str = ""
+    pinned: bool = True
+
+    def file_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def load_options(self) -> dict[str, str]:
+        return {}
+
+
+class CheckpointEntry(_Entry):
+    kind: ClassVar[ModelKind] = ModelKind.CHECKPOINT
+    folder: ClassVar[str] = "checkpoints"
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_model_name(value)
+
+    def file_names(self) -> list[str]:
+        return [self.name]
+
+
+class TextEncoderEntry(_Entry):
+    kind: ClassVar[ModelKind] = ModelKind.TEXT_ENCODER
+    folder: ClassVar[str] = "text_encoders"
+    clip_names: list[str] = Field(min_length=1, max_length=3)
+    type: str = "stable_diffusion"
+    device: str = "default"
+
+    @field_validator("clip_names")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        return [check_model_name(v) for v in value]
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str, info: ValidationInfo) -> str:
+        return _one_of(value, _choices(info).clip_types)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str, info: ValidationInfo) -> str:
+        return _one_of(value, _choices(info).devices)
+
+    def file_names(self) -> list[str]:
+        return list(self.clip_names)
+
+    def load_options(self) -> dict[str, str]:
+        return {"type": self.type, "device": self.device}
+
+
+class DiffusionModelEntry(_Entry):
+    kind: ClassVar[ModelKind] = ModelKind.DIFFUSION_MODEL
+    folder: ClassVar[str] = "diffusion_models"
+    model_name: str
+    weight_dtype: str = "default"
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("weight_dtype")
+    @classmethod
+    def _dtype(cls, value: str, info: ValidationInfo) -> str:
+        return _one_of(value, _choices(info).weight_dtypes)
+
+    def file_names(self) -> list[str]:
+        return [self.model_name]
+
+    def load_options(self) -> dict[str, str]:
+        return {"weight_dtype": self.weight_dtype}
+
+
+class VAEEntry(_Entry):
+    kind: ClassVar[ModelKind] = ModelKind.VAE
+    folder: ClassVar[str] = "vae"
+    vae_name: str
+
+    @field_validator("vae_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_model_name(value)
+
+    def file_names(self) -> list[str]:
+        return [self.vae_name]
+
+
+ENTRY_TYPES: dict[str, type[_Entry]] = {
+    "checkpoints": CheckpointEntry,
+    "text_encoders": TextEncoderEntry,
+    "diffusion_models": DiffusionModelEntry,
+    "vaes": VAEEntry,
+}
+
+PreloadEntry = CheckpointEntry | TextEncoderEntry | DiffusionModelEntry | VAEEntry
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preload_mode: Literal["background", "blocking", "off"] = "background"
+    auto_gpu_load: bool = False
+    verbose: bool = False
+    ram_budget_gb: float | None = Field(default=None, gt=0)
+    hash_contents: bool = False
+
+
+class _TopLevel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = 1
+    description: str = ""
+    settings: Settings = Settings()
+    models: dict[Literal["checkpoints", "text_encoders", "diffusion_models", "vaes"], list[Any]] = {}
+
+
+@dataclass
+class PreloadConfig:
+    path: Path | None
+    settings: Settings = field(default_factory=Settings)
+    entries: list[PreloadEntry] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def enabled_entries(self) -> list[PreloadEntry]:
+        return [e for e in self.entries if e.enabled]
+
+
+def _choices(info: ValidationInfo) -> HostChoices:
+    return (info.context or {})["choices"]
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not one of: {', '.join(allowed)}")
+    return value
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(entry)"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{where}': {message}")
+    return "; ".join(parts)
+
+
+def locate_config(user_directory: str | None) -> Path:
+    """MEMKIT_PRELOAD_CONFIG > <user dir>/memkit/preload_config.json > the package's copy."""
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    if user_directory:
+        user_config = Path(user_directory) / "memkit" / CONFIG_FILE_NAME
+        if user_config.is_file():
+            return user_config
+    return PACKAGE_CONFIG
+
+
+def parse_config(text: str, choices: HostChoices, source: str = CONFIG_FILE_NAME) -> PreloadConfig:
+    """Validate a config; raises ConfigError only when nothing in it is usable."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        raise ConfigError(f"{source}: not valid JSON ({where}: {error.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object")
+    models_raw = raw.get("models", {})
+    if not isinstance(models_raw, dict):
+        raise ConfigError(f"{source}: field 'models' must be an object of lists")
+    try:
+        top = _TopLevel.model_validate({**raw, "models": {}})
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+
+    config = PreloadConfig(path=None, settings=top.settings)
+    seen_keys: dict[str, str] = {}
+    for section, items in models_raw.items():
+        if section not in ENTRY_TYPES:
+            config.problems.append(f"{source}: models.{section}: unknown section (expected one of "
+                                   f"{', '.join(ENTRY_TYPES)}); skipped")
+            continue
+        if not isinstance(items, list):
+            config.problems.append(f"{source}: models.{section}: must be a list; section skipped")
+            continue
+        for index, item in enumerate(items):
+            where = f"{source}: models.{section}[{index}]"
+            if isinstance(item, dict) and item.get("cache_key"):
+                where += f" (cache_key {item['cache_key']!r})"
+            if not isinstance(item, dict):
+                config.problems.append(f"{where}: must be an object; entry skipped")
+                continue
+            try:
+                entry = ENTRY_TYPES[section].model_validate(item, context={"choices": choices})
+            except ValidationError as error:
+                config.problems.append(f"{where}: {_describe(error)}; entry skipped")
+                continue
+            if entry.cache_key and entry.cache_key in seen_keys:
+                config.problems.append(f"{where}: field 'cache_key': {entry.cache_key!r} is already used by "
+                                       f"{seen_keys[entry.cache_key]}; entry skipped")
+                continue
+            if entry.cache_key:
+                seen_keys[entry.cache_key] = f"models.{section}[{index}]"
+            config.entries.append(entry)
+    return config
+
+
+def load_config(path: Path, choices: HostChoices) -> PreloadConfig:
+    """Read and validate ``path``; every problem is logged, never raised past this point."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        config = parse_config(text, choices, source=str(path))
+    except (OSError, UnicodeDecodeError) as error:
+        config = PreloadConfig(path=path, problems=[f"{path}: cannot be read ({error}); nothing preloaded"])
+    except ConfigError as error:
+        config = PreloadConfig(path=path, problems=[f"{error}; nothing preloaded"])
+    config.path = path
+    for problem in config.problems:
+        log.error("[memkit] %s", problem)
+    return config

@@ -1,0 +1,105 @@
+"""What makes two loads the same: the load recipe, the key of every cache entry.
+
+A recipe is the kind of model, the resolved file paths, each file's identity on disk and every
+load option. Two requests share an entry only when all of these match, so a file replaced on disk
+or a different weight dtype never gets a stale model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+
+class ModelKind(str, Enum):
+    CHECKPOINT = "checkpoint"
+    TEXT_ENCODER = "text_encoder"
+    DIFFUSION_MODEL = "diffusion_model"
+    VAE = "vae"
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file as it is on disk now: size and modification time, optionally a content hash."""
+
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+class FileIdentityReader:
+    """Reads file identities; content hashes are computed once per (path, size, mtime)."""
+
+    def __init__(self, hash_contents: bool = False) -> None:
+        self.hash_contents = hash_contents
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def read(self, path: str) -> FileIdentity:
+        stat = os.stat(path)
+        if not self.hash_contents:
+            return FileIdentity(stat.st_size, stat.st_mtime_ns)
+        memo = (path, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            digest = self._hashes.get(memo)
+        if digest is None:
+            digest = _sha256_of(path)
+            with self._lock:
+                self._hashes[memo] = digest
+        return FileIdentity(stat.st_size, stat.st_mtime_ns, digest)
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadRecipe:
+    """Everything that decides what a load produces."""
+
+    kind: ModelKind
+    paths: tuple[str, ...]
+    identities: tuple[FileIdentity, ...]
+    options: tuple[tuple[str, str], ...] = ()
+    key: str = field(init=False, compare=False)
+    lineage: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lineage = json.dumps([self.kind.value, list(self.paths), [list(o) for o in self.options]])
+        identity = json.dumps([[i.size, i.mtime_ns, i.sha256] for i in self.identities])
+        object.__setattr__(self, "lineage", hashlib.sha256(lineage.encode()).hexdigest()[:16])
+        object.__setattr__(self, "key", hashlib.sha256((lineage + identity).encode()).hexdigest()[:16])
+
+    @classmethod
+    def build(cls, kind: ModelKind, paths: list[str] | tuple[str, ...], options: dict[str, object],
+              reader: FileIdentityReader) -> LoadRecipe:
+        resolved = tuple(os.path.realpath(p) for p in paths)
+        return cls(
+            kind=kind,
+            paths=resolved,
+            identities=tuple(reader.read(p) for p in resolved),
+            options=tuple(sorted((k, str(v)) for k, v in options.items())),
+        )
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(i.size for i in self.identities)
+
+    def default_alias(self) -> str:
+        """A readable name for an entry that has no configured cache_key."""
+        names = "+".join(Path(p).name for p in self.paths)
+        shown = [f"{k}={v}" for k, v in self.options if v not in ("default", "", "None")]
+        suffix = f"[{','.join(shown)}]" if shown else ""
+        return f"{self.kind.value}:{names}{suffix}"
+
+    def describe_options(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options) or "-"

@@ -1,0 +1,100 @@
+"""Nodes that show what the MemKit cache holds."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from comfy_api.latest import io, ui
+
+from ..model_cache.service import get_service
+
+CATEGORY = "memkit/cache"
+COLUMNS = ("cache_key", "kind", "file", "options", "MB", "device", "hits", "load s", "pinned", "state")
+
+
+def _row(entry: dict[str, Any]) -> tuple[str, ...]:
+    files = ", ".join(f.rsplit("/", 1)[-1] for f in entry.get("files", [])) or "-"
+    options = ", ".join(f"{k}={v}" for k, v in entry.get("options", {}).items()) or "-"
+    megabytes = f"{entry['bytes'] / 2**20:.1f}" if "bytes" in entry else "-"
+    return (entry["cache_key"], entry.get("kind", "-"), files, options, megabytes, entry.get("device", "-"),
+            str(entry.get("hits", "-")), str(entry.get("load_seconds", "-")), str(entry.get("pinned", "-")),
+            entry["state"] + (f": {entry['error']}" if "error" in entry else ""))
+
+
+def format_table(status: dict[str, Any]) -> str:
+    """A plain-text table of the cache, readable on a node and in logs."""
+    rows = [COLUMNS, *(_row(e) for e in status["entries"])]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    totals, preload = status["totals"], status["preload"]
+    budget = totals["budget_bytes"]
+    lines.append("")
+    lines.append(f"{totals['entries']} cached, {totals['bytes'] / 2**30:.2f} GB"
+                 + (f" of {budget / 2**30:.1f} GB budget" if budget else "")
+                 + f"; loads {totals['loads']}, evictions {totals['evictions']}; preload {preload['mode']}: "
+                 + f"{preload['done']}/{preload['total']} done, {preload['failed']} failed")
+    return "\n".join(lines)
+
+
+class MemKitCacheInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitCacheInfo",
+            display_name="Cache Info (MemKit)",
+            category=CATEGORY,
+            description="A table of every model in the MemKit cache: key, kind, file, options, size, device, "
+                        "hits, load time, pinned, state. Shown on the node and returned as text.",
+            inputs=[],
+            outputs=[io.String.Output(display_name="table")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls) -> float:
+        return time.time()  # the cache changes between prompts; always re-read it
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        table = format_table(get_service().status())
+        return io.NodeOutput(table, ui=ui.PreviewText(table))
+
+
+class MemKitCacheStatus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitCacheStatus",
+            display_name="Cache Status (MemKit)",
+            category=CATEGORY,
+            description="Whether a model (by cache key or file name) is in the MemKit cache, with details.",
+            inputs=[io.String.Input("name", default="", tooltip="A cache key (e.g. checkpoint:sd15.safetensors) "
+                                                                "or a model file name.")],
+            outputs=[io.Boolean.Output(display_name="is_cached"), io.String.Output(display_name="detail")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, name: str) -> float:
+        return time.time()
+
+    @classmethod
+    def execute(cls, name: str) -> io.NodeOutput:
+        service = get_service()
+        found = service.cache.find(name.strip())
+        if found:
+            detail = "\n".join(f"{e.alias}: {e.recipe.kind.value}, {e.nbytes / 2**20:.1f} MB on {e.device}, "
+                               f"{e.hits} hits, loaded in {e.load_seconds:.2f} s, "
+                               f"{'pinned' if e.pinned else 'unpinned'}" for e in found)
+        elif name.strip() in service.cache.loading():
+            detail = f"{name}: loading"
+        elif name.strip() in service.preload.failures:
+            detail = f"{name}: failed: {service.preload.failures[name.strip()]}"
+        else:
+            detail = f"{name!r} is not cached"
+        return io.NodeOutput(bool(found), detail, ui=ui.PreviewText(detail))
+
+
+NODES = [MemKitCacheInfo, MemKitCacheStatus]

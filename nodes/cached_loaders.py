@@ -1,0 +1,142 @@
+"""Drop-in replacements for ComfyUI's loaders that go through the MemKit cache."""
+
+from __future__ import annotations
+
+import comfy.utils
+from comfy_api.latest import io
+
+from ..model_cache import comfy_models
+from ..model_cache.recipe import ModelKind
+from ..model_cache.service import get_service
+
+CATEGORY = "memkit/loaders"
+NONE = "none"
+
+
+def _progress() -> comfy.utils.ProgressBar:
+    return comfy.utils.ProgressBar(1)
+
+
+class MemKitCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitCheckpointLoader",
+            display_name="Load Checkpoint (MemKit cached)",
+            category=CATEGORY,
+            description="Loads a checkpoint like Load Checkpoint, but from the MemKit cache: a checkpoint "
+                        "loaded once (or preloaded at start-up) is handed out instantly.",
+            inputs=[io.Combo.Input("ckpt_name", options=comfy_models.file_choices(ModelKind.CHECKPOINT),
+                                   tooltip="The checkpoint file, from ComfyUI's checkpoints folders.")],
+            outputs=[io.Model.Output(tooltip="The model used for denoising latents."),
+                     io.Clip.Output(tooltip="The CLIP model used for encoding text prompts."),
+                     io.Vae.Output(tooltip="The VAE used to decode latents into images.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, ckpt_name: str) -> str:
+        return get_service().fingerprint(ModelKind.CHECKPOINT, [ckpt_name])
+
+    @classmethod
+    def execute(cls, ckpt_name: str) -> io.NodeOutput:
+        model, clip, vae = get_service().checkout(ModelKind.CHECKPOINT, [ckpt_name], progress=_progress())
+        return io.NodeOutput(model, clip, vae)
+
+
+class MemKitTextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        names = comfy_models.file_choices(ModelKind.TEXT_ENCODER)
+        return io.Schema(
+            node_id="MemKitTextEncoderLoader",
+            display_name="Load Text Encoders (MemKit cached)",
+            category=CATEGORY,
+            description="Loads one, two or three text encoders like Load CLIP / DualCLIPLoader / "
+                        "TripleCLIPLoader, from the MemKit cache.",
+            inputs=[
+                io.Combo.Input("clip_name1", options=names, tooltip="The first text encoder file."),
+                io.Combo.Input("clip_name2", options=[NONE, *names], default=NONE, optional=True,
+                               tooltip="A second text encoder (e.g. CLIP-G for SDXL, T5 for Flux), or none."),
+                io.Combo.Input("clip_name3", options=[NONE, *names], default=NONE, optional=True,
+                               tooltip="A third text encoder (e.g. T5 for SD3), or none."),
+                io.Combo.Input("type", options=list(comfy_models.clip_types()),
+                               tooltip="The model family the encoders are for, as in ComfyUI's CLIP loaders."),
+                io.Combo.Input("device", options=list(comfy_models.clip_devices()), default="default",
+                               optional=True, tooltip="'cpu' keeps the text encoders on the CPU."),
+            ],
+            outputs=[io.Clip.Output()],
+        )
+
+    @staticmethod
+    def _names(clip_name1: str, clip_name2: str, clip_name3: str) -> list[str]:
+        return [n for n in (clip_name1, clip_name2, clip_name3) if n and n != NONE]
+
+    @classmethod
+    def fingerprint_inputs(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
+                           device: str = "default") -> str:
+        return get_service().fingerprint(ModelKind.TEXT_ENCODER, cls._names(clip_name1, clip_name2, clip_name3),
+                                         {"type": type, "device": device})
+
+    @classmethod
+    def execute(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
+                device: str = "default") -> io.NodeOutput:
+        names = cls._names(clip_name1, clip_name2, clip_name3)
+        clip = get_service().checkout(ModelKind.TEXT_ENCODER, names, {"type": type, "device": device},
+                                      progress=_progress())
+        return io.NodeOutput(clip)
+
+
+class MemKitDiffusionModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitDiffusionModelLoader",
+            display_name="Load Diffusion Model (MemKit cached)",
+            category=CATEGORY,
+            description="Loads a diffusion model like Load Diffusion Model (UNETLoader), from the MemKit cache.",
+            inputs=[
+                io.Combo.Input("unet_name", options=comfy_models.file_choices(ModelKind.DIFFUSION_MODEL),
+                               tooltip="The diffusion model file, from ComfyUI's diffusion_models folders."),
+                io.Combo.Input("weight_dtype", options=list(comfy_models.weight_dtypes()),
+                               tooltip="Weight storage type; fp8 halves memory at some quality cost."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, unet_name: str, weight_dtype: str) -> str:
+        return get_service().fingerprint(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
+
+    @classmethod
+    def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
+        model = get_service().checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype},
+                                       progress=_progress())
+        return io.NodeOutput(model)
+
+
+class MemKitVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitVAELoader",
+            display_name="Load VAE (MemKit cached)",
+            category=CATEGORY,
+            description="Loads a VAE like Load VAE, from the MemKit cache.",
+            inputs=[io.Combo.Input("vae_name", options=comfy_models.file_choices(ModelKind.VAE),
+                                   tooltip="The VAE file, from ComfyUI's vae folders (or a TAESD name).")],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name: str) -> str:
+        return get_service().fingerprint(ModelKind.VAE, [vae_name])
+
+    @classmethod
+    def execute(cls, vae_name: str) -> io.NodeOutput:
+        if comfy_models.resolve(ModelKind.VAE, vae_name) is None:
+            # taesd/pixel_space are assembled from several files by ComfyUI; not worth caching.
+            return io.NodeOutput(comfy_models.load(ModelKind.VAE, [vae_name], {}))
+        return io.NodeOutput(get_service().checkout(ModelKind.VAE, [vae_name], progress=_progress()))
+
+
+NODES = [MemKitCheckpointLoader, MemKitTextEncoderLoader, MemKitDiffusionModelLoader, MemKitVAELoader]

@@ -1,0 +1,3 @@
+"""Tiled VAE decode node (see vae_tiling/)."""
+
+NODES: list = []

@@ -1,0 +1,193 @@
+"""The cached loaders against ComfyUI's own loaders, in process, with seeded real models."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+
+from comfyui_memkit.model_cache.recipe import ModelKind
+
+SD_VAE = "memkit-sd-vae.safetensors"
+WAN_VAE_TINY = "memkit-wan21-vae-tiny.safetensors"
+WAN_DM = "memkit-wan21-t2v-tiny.safetensors"
+CLIP_L = "memkit-clip-l.safetensors"
+CLIP_G = "memkit-clip-g.safetensors"
+
+
+def _nodes():
+    from comfyui_memkit.nodes import cached_loaders, selectors
+
+    return cached_loaders, selectors
+
+
+def _decode(vae, channels=4):
+    latent = torch.randn((1, channels, 8, 8), generator=torch.Generator().manual_seed(3))
+    image = vae.decode(latent)
+    assert torch.isfinite(image).all()
+    return image
+
+
+def _encode(clip, text="a photo of a red fox in the snow"):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    assert torch.isfinite(cond).all()
+    return cond, pooled
+
+
+def test_vae_loader_is_a_drop_in_for_vaeloader_and_hits_the_second_time(comfy_host, make_service):
+    service = make_service()
+    loaders, _ = _nodes()
+    ours = loaders.MemKitVAELoader.execute(SD_VAE).result[0]
+    theirs = comfy_host.nodes.VAELoader().load_vae(SD_VAE)[0]
+    assert torch.equal(_decode(ours), _decode(theirs))
+    again = loaders.MemKitVAELoader.execute(SD_VAE).result[0]
+    assert service.cache.loads == 1
+    (entry,) = service.cache.entries()
+    assert entry.hits == 1
+    assert entry.alias == f"vae:{SD_VAE}"
+    assert again.patcher is not ours.patcher, "each request gets its own patcher"
+    assert again.first_stage_model is ours.first_stage_model, "but shares the cached weights"
+    assert entry.nbytes > 50 * 2**20
+
+
+def test_diffusion_model_loader_matches_unetloader_and_keys_on_weight_dtype(comfy_host, make_service):
+    service = make_service()
+    loaders, _ = _nodes()
+    ours = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default").result[0]
+    theirs = comfy_host.nodes.UNETLoader().load_unet(WAN_DM, "default")[0]
+    assert type(ours.model).__name__ == type(theirs.model).__name__ == "WAN21"
+    ours_sd, theirs_sd = ours.model.state_dict(), theirs.model.state_dict()
+    assert ours_sd.keys() == theirs_sd.keys()
+    assert all(torch.equal(ours_sd[k], theirs_sd[k]) for k in ours_sd)
+    fp8 = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "fp8_e4m3fn").result[0]
+    assert service.cache.loads == 2, "another weight dtype is another recipe"
+    assert fp8.model.diffusion_model.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
+
+
+def test_clone_isolates_patches_from_the_cached_model(comfy_host, make_service):
+    service = make_service()
+    loaders, _ = _nodes()
+    first = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default").result[0]
+    key = next(iter(first.model.state_dict()))
+    weight = first.model.state_dict()[key]
+    first.add_patches({key: (torch.ones_like(weight),)}, strength_patch=0.5)
+    first.model_options["transformer_options"]["marker"] = True
+    second = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default").result[0]
+    assert second.patches == {}
+    assert "marker" not in second.model_options.get("transformer_options", {})
+    (entry,) = service.cache.entries()
+    assert entry.value.patches == {}
+
+
+def test_single_text_encoder_matches_cliploader(comfy_host, make_service):
+    make_service()
+    loaders, _ = _nodes()
+    ours = loaders.MemKitTextEncoderLoader.execute(CLIP_L, "stable_diffusion").result[0]
+    theirs = comfy_host.nodes.CLIPLoader().load_clip(CLIP_L, "stable_diffusion")[0]
+    assert torch.equal(_encode(ours)[0], _encode(theirs)[0])
+
+
+@pytest.mark.slow
+def test_dual_text_encoders_match_dualcliploader(comfy_host, make_service):
+    service = make_service()
+    loaders, _ = _nodes()
+    ours = loaders.MemKitTextEncoderLoader.execute(CLIP_L, "sdxl", clip_name2=CLIP_G).result[0]
+    theirs = comfy_host.nodes.DualCLIPLoader().load_clip(CLIP_L, CLIP_G, "sdxl")[0]
+    ours_cond, ours_pooled = _encode(ours)
+    theirs_cond, theirs_pooled = _encode(theirs)
+    assert ours_cond.shape[-1] == 2048
+    assert torch.equal(ours_cond, theirs_cond)
+    assert torch.equal(ours_pooled, theirs_pooled)
+    assert service.cache.entries()[0].alias == f"text_encoder:{CLIP_L}+{CLIP_G}[type=sdxl]"
+
+
+def test_alternating_two_checkpoints_never_reloads(comfy_host, make_service):
+    service = make_service()
+    loaders, _ = _nodes()
+    for name in ["memkit-wan-tiny-a.safetensors", "memkit-wan-tiny-b.safetensors"] * 2:
+        model, clip, _vae = loaders.MemKitCheckpointLoader.execute(name).result
+        assert type(model.model).__name__ == "WAN21"
+        assert clip is None  # a diffusion-only checkpoint, exactly as CheckpointLoaderSimple returns it
+    assert service.cache.loads == 2
+    assert sorted(e.hits for e in service.cache.entries()) == [1, 1]
+
+
+def test_budget_evicts_the_least_recently_used_model(comfy_host, make_service):
+    from comfyui_memkit.model_cache.comfy_models import tensor_bytes
+
+    probe = make_service()
+    one = tensor_bytes(probe.checkout(ModelKind.CHECKPOINT, ["memkit-wan-tiny-a.safetensors"]))
+    service = make_service(ram_budget_gb=1.5 * one / 2**30)
+    a, b = "memkit-wan-tiny-a.safetensors", "memkit-wan-tiny-b.safetensors"
+    service.checkout(ModelKind.CHECKPOINT, [a])
+    service.checkout(ModelKind.CHECKPOINT, [b])
+    assert [e.alias for e in service.cache.entries()] == [f"checkpoint:{b}"]
+    assert service.cache.evictions == 1
+    service.checkout(ModelKind.CHECKPOINT, [a])
+    assert service.cache.loads == 3
+    assert service.cache.used_bytes <= service.cache.budget_bytes
+
+
+def test_eight_threads_asking_for_one_model_load_it_once(comfy_host, make_service):
+    service = make_service()
+    results, errors = [], []
+
+    def request():
+        try:
+            results.append(service.request(ModelKind.DIFFUSION_MODEL, [WAN_DM], {"weight_dtype": "default"}).value)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert len(results) == 8
+    assert len({id(r) for r in results}) == 1
+    assert service.cache.loads == 1
+
+
+def test_a_file_changed_on_disk_is_reloaded_and_changes_the_fingerprint(comfy_host, make_service, scratch_models):
+    service = make_service()
+    loaders, _ = _nodes()
+    target = scratch_models["vae"] / "memkit-scratch-vae.safetensors"
+    shutil.copy(comfy_host.models / "vae" / SD_VAE, target)
+    before_print = loaders.MemKitVAELoader.fingerprint_inputs("memkit-scratch-vae.safetensors")
+    before = _decode(loaders.MemKitVAELoader.execute("memkit-scratch-vae.safetensors").result[0], channels=4)
+    shutil.copy(comfy_host.models / "vae" / WAN_VAE_TINY, target)  # a different model under the same name
+    after_print = loaders.MemKitVAELoader.fingerprint_inputs("memkit-scratch-vae.safetensors")
+    assert before_print != after_print
+    reloaded = loaders.MemKitVAELoader.execute("memkit-scratch-vae.safetensors").result[0]
+    assert reloaded.latent_channels == 16
+    assert before.shape[-1] == 3
+    assert service.cache.loads == 2
+    assert len(service.cache.entries()) == 1, "the stale copy is dropped"
+
+
+def test_a_corrupt_file_gives_a_clear_error_and_leaves_the_cache_consistent(comfy_host, make_service, scratch_models):
+    from comfyui_memkit.model_cache.service import ModelLoadError
+
+    service = make_service()
+    loaders, _ = _nodes()
+    broken = scratch_models["vae"] / "memkit-broken.safetensors"
+    broken.write_bytes(b"\x00not a safetensors file" * 10)
+    with pytest.raises(ModelLoadError, match=r"memkit-broken\.safetensors"):
+        loaders.MemKitVAELoader.execute("memkit-broken.safetensors")
+    assert service.cache.entries() == []
+    assert service.cache.loading() == []
+    loaders.MemKitVAELoader.execute(SD_VAE)
+    assert [e.alias for e in service.cache.entries()] == [f"vae:{SD_VAE}"]
+
+
+def test_a_missing_name_names_the_folder(comfy_host, make_service):
+    from comfyui_memkit.model_cache.service import ModelNotFoundError
+
+    service = make_service()
+    with pytest.raises(ModelNotFoundError, match=r"'nope\.safetensors' is not a file in ComfyUI's 'vae'"):
+        service.checkout(ModelKind.VAE, ["nope.safetensors"])
+    with pytest.raises(ModelNotFoundError, match="checkpoints"):
+        service.checkout(ModelKind.CHECKPOINT, ["../vae/" + SD_VAE])

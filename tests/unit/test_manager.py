@@ -1,0 +1,162 @@
+import threading
+import time
+
+import pytest
+
+from comfyui_memkit.model_cache.manager import CacheLoadError, ModelCache
+from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
+
+
+def recipe(name: str, size: int = 100, mtime: int = 1, **options) -> LoadRecipe:
+    return LoadRecipe(ModelKind.CHECKPOINT, (f"/models/{name}",), (FileIdentity(size, mtime),),
+                      tuple(sorted((k, str(v)) for k, v in options.items())))
+
+
+class Payload:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+def make_cache(budget: int | None = None) -> ModelCache:
+    return ModelCache(measure=lambda value: value.nbytes, budget_bytes=budget)
+
+
+def test_second_request_is_a_hit_without_loading():
+    cache = make_cache()
+    calls = []
+    first = cache.get_or_load(recipe("a"), lambda: calls.append(1) or Payload(10))
+    second = cache.get_or_load(recipe("a"), lambda: calls.append(1) or Payload(10))
+    assert calls == [1]
+    assert not first.hit
+    assert second.hit
+    assert second.value is first.value
+    assert second.entry.hits == 1
+
+
+def test_eight_threads_asking_for_one_recipe_load_it_once():
+    cache = make_cache()
+    started = threading.Event()
+    release = threading.Event()
+    loads = []
+
+    def slow_load():
+        loads.append(threading.current_thread().name)
+        started.set()
+        release.wait(5)
+        return Payload(10)
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_load(recipe("a"), slow_load)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    assert started.wait(5)
+    time.sleep(0.1)  # let the other seven reach the wait
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(loads) == 1
+    assert len(results) == 8
+    assert len({id(r.value) for r in results}) == 1
+    assert sum(not r.hit for r in results) == 1
+    assert cache.loads == 1
+
+
+def test_a_failed_load_reaches_every_waiter_and_leaves_no_entry():
+    cache = make_cache()
+    started = threading.Event()
+    release = threading.Event()
+
+    def broken_load():
+        started.set()
+        release.wait(5)
+        raise OSError("header too large in /models/a")
+
+    errors = []
+
+    def request():
+        try:
+            cache.get_or_load(recipe("a"), broken_load)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    assert started.wait(5)
+    time.sleep(0.1)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(errors) == 4
+    assert sum(isinstance(e, OSError) for e in errors) == 1
+    waiters = [e for e in errors if isinstance(e, CacheLoadError)]
+    assert len(waiters) == 3
+    assert all("header too large" in str(e) for e in waiters)
+    assert cache.entries() == []
+    assert cache.loading() == []
+    # and the next request tries again
+    assert cache.get_or_load(recipe("a"), lambda: Payload(1)).hit is False
+
+
+def test_lru_unpinned_entries_are_evicted_to_fit_the_budget():
+    cache = make_cache(budget=250)
+    cache.get_or_load(recipe("a", size=100), lambda: Payload(100))
+    cache.get_or_load(recipe("b", size=100), lambda: Payload(100))
+    cache.get_or_load(recipe("a", size=100), lambda: Payload(100))  # a is now the most recent
+    cache.get_or_load(recipe("c", size=100), lambda: Payload(100))
+    aliases = {e.alias for e in cache.entries()}
+    assert "checkpoint:a" in aliases
+    assert "checkpoint:c" in aliases
+    assert "checkpoint:b" not in aliases
+    assert cache.evictions == 1
+    assert cache.used_bytes <= 250
+
+
+def test_pinned_entries_are_never_evicted_by_the_budget():
+    cache = make_cache(budget=150)
+    cache.get_or_load(recipe("pinned", size=100), lambda: Payload(100), pinned=True)
+    cache.get_or_load(recipe("b", size=100), lambda: Payload(100))
+    cache.get_or_load(recipe("c", size=100), lambda: Payload(100))
+    aliases = {e.alias for e in cache.entries()}
+    assert aliases == {"checkpoint:pinned", "checkpoint:c"}
+
+
+def test_budget_uses_measured_bytes_not_file_size():
+    cache = make_cache(budget=300)
+    cache.get_or_load(recipe("a", size=10), lambda: Payload(200))  # fp16 file loaded as fp32
+    cache.get_or_load(recipe("b", size=10), lambda: Payload(200))
+    assert [e.alias for e in cache.entries()] == ["checkpoint:b"]
+
+
+def test_a_changed_file_replaces_its_stale_entry():
+    cache = make_cache()
+    cache.get_or_load(recipe("a", mtime=1), lambda: Payload(1), alias="mine")
+    reloaded = cache.get_or_load(recipe("a", mtime=2), lambda: Payload(2), alias="mine")
+    assert not reloaded.hit
+    assert [e.value.nbytes for e in cache.entries()] == [2]
+    assert cache.loads == 2
+
+
+def test_evict_by_alias_key_or_file_name_and_clear_keeps_pinned():
+    cache = make_cache()
+    a = cache.get_or_load(recipe("a.safetensors"), lambda: Payload(1), alias="alpha").entry
+    cache.get_or_load(recipe("b.safetensors"), lambda: Payload(1))
+    cache.get_or_load(recipe("c.safetensors"), lambda: Payload(1))
+    cache.get_or_load(recipe("p.safetensors"), lambda: Payload(1), pinned=True)
+    assert cache.evict("alpha") == ["alpha"]
+    assert cache.evict(a.key) == []
+    assert cache.evict("b.safetensors") == ["checkpoint:b.safetensors"]
+    assert cache.evict("nothing") == []
+    assert cache.clear() == ["checkpoint:c.safetensors"]
+    assert [e.alias for e in cache.entries()] == ["checkpoint:p.safetensors"]
+    assert cache.clear(include_pinned=True) == ["checkpoint:p.safetensors"]
+    assert cache.used_bytes == 0
+
+
+@pytest.mark.parametrize("pinned_later", [True, False])
+def test_a_pinned_request_pins_an_existing_entry(pinned_later):
+    cache = make_cache()
+    cache.get_or_load(recipe("a"), lambda: Payload(1))
+    entry = cache.get_or_load(recipe("a"), lambda: Payload(1), pinned=pinned_later).entry
+    assert entry.pinned is pinned_later
