@@ -32,3 +32,6 @@ _import_package()
 def models_dir() -> Path | None:
     value = os.environ.get("MEMKIT_MODELS")
     return Path(value) if value else None
+
+
+sys.path.insert(0, str(REPO / "tests"))  # shared helpers: `from support import ...`

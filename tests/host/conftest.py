@@ -20,8 +20,11 @@ def _comfy_root() -> str:
 @pytest.fixture(scope="session")
 def comfy_host():
     root = _comfy_root()
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    # First on the path: ComfyUI's `nodes` module must win over this repository's `nodes/` package
+    # (pytest runs from the repository root).
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
     import comfy.options
 
     comfy.options.enable_args_parsing(False)

@@ -1,0 +1,87 @@
+"""One in-process measurement of checkpoint loading, printed as JSON (run by benchmarks/run.py).
+
+Each call runs in a fresh process so "first load in a process" means exactly that.
+Usage: cache_inprocess.py core-cold|core-warm|memkit-hit CHECKPOINT_PATH
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def evict_from_page_cache(path: str) -> None:
+    """Ask the kernel to drop the file's cached pages (no root needed for clean pages)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    mode, checkpoint = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, os.environ["MEMKIT_COMFYUI"])
+    sys.path.insert(0, str(REPO / "tests"))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import folder_paths
+    import nodes
+    import psutil
+
+    folder_paths.add_model_folder_path("checkpoints", str(Path(checkpoint).parent))
+    name = Path(checkpoint).name
+    result: dict = {"mode": mode}
+    if mode == "core-cold":
+        evict_from_page_cache(checkpoint)
+        started = time.perf_counter()
+        nodes.CheckpointLoaderSimple().load_checkpoint(name)
+        result["seconds"] = time.perf_counter() - started
+    elif mode == "core-warm":
+        nodes.CheckpointLoaderSimple().load_checkpoint(name)  # file now in the page cache
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            nodes.CheckpointLoaderSimple().load_checkpoint(name)
+            times.append(time.perf_counter() - started)
+        result["seconds"] = statistics.median(times)
+    else:
+        import conftest  # noqa: F401  (imports this repository as comfyui_memkit)
+
+        from comfyui_memkit.model_cache.config import PreloadConfig
+        from comfyui_memkit.model_cache.service import reset_service
+        from comfyui_memkit.nodes.cached_loaders import MemKitCheckpointLoader
+
+        service = reset_service(PreloadConfig(path=None))
+        started = time.perf_counter()
+        MemKitCheckpointLoader.execute(name)
+        result["miss_seconds"] = time.perf_counter() - started
+        times = []
+        for _ in range(200):
+            started = time.perf_counter()
+            MemKitCheckpointLoader.fingerprint_inputs(name)
+            MemKitCheckpointLoader.execute(name)
+            times.append(time.perf_counter() - started)
+        result["seconds"] = statistics.median(times)
+        result["p95_seconds"] = sorted(times)[int(len(times) * 0.95)]
+        result["loads"] = service.cache.loads
+        result["cached_bytes"] = service.cache.used_bytes
+    result["rss_bytes"] = psutil.Process().memory_info().rss
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""End-to-end: one real ComfyUI server per module, with MemKit installed and a preload config."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("MEMKIT_COMFYUI") and os.environ["MEMKIT_COMFYUI"] not in sys.path:
+    # for comfy_execution.graph_utils.GraphBuilder; first, so ComfyUI's `nodes` wins over ours
+    sys.path.insert(0, os.environ["MEMKIT_COMFYUI"])
+
+from support.comfy_server import ComfyServer
+
+
+def write_config(path: Path, models: dict, **settings) -> Path:
+    path.write_text(json.dumps({"version": 1, "settings": settings, "models": models}, indent=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    servers = []
+
+    def start(config_models: dict | None, extra_args: list[str] | None = None, **settings) -> ComfyServer:
+        base = tmp_path_factory.mktemp("comfy")
+        config = write_config(base / "preload_config.json", config_models, **settings) if config_models else None
+        server = ComfyServer(base, Path(os.environ["MEMKIT_MODELS"]), config, extra_args)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

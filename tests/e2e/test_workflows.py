@@ -1,0 +1,40 @@
+"""Every shipped workflow runs, as shipped, through /prompt on a server started like `make run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+DEMO_CONFIG = json.loads((REPO / "scripts" / "demo_preload_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo_server(start_server):
+    server = start_server(DEMO_CONFIG["models"], preload_mode="blocking")
+    assert server.request("GET", "/memkit/ready")[0] == 200, "blocking preload: ready as soon as ComfyUI serves"
+    return server
+
+
+def test_workflows_are_shipped():
+    assert len(WORKFLOWS) >= 2
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_shipped_workflow_runs(demo_server, workflow):
+    loads_before = demo_server.get("/memkit/status")["totals"]["loads"]
+    outputs = demo_server.run_prompt(json.loads(workflow.read_text()))
+    images = [image for output in outputs.values() for image in output.get("images", [])]
+    assert images, f"{workflow.name} saved no image"
+    for image in images:
+        pixels = np.asarray(Image.open(demo_server.output_file(image)), dtype=np.float32)
+        assert pixels.shape[:2] == (256, 256)
+        assert pixels.std() > 0
+    assert demo_server.get("/memkit/status")["totals"]["loads"] == loads_before, "demo models are preloaded"
