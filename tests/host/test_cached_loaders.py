@@ -191,3 +191,24 @@ def test_a_missing_name_names_the_folder(comfy_host, make_service):
         service.checkout(ModelKind.VAE, ["nope.safetensors"])
     with pytest.raises(ModelNotFoundError, match="checkpoints"):
         service.checkout(ModelKind.CHECKPOINT, ["../vae/" + SD_VAE])
+
+
+def test_a_selector_with_an_unknown_key_lists_the_keys_that_exist(comfy_host, make_service):
+    from comfyui_memkit.model_cache.config import VAEEntry
+
+    make_service(entries=[VAEEntry(vae_name=SD_VAE, cache_key="my-vae")])
+    _, selectors = _nodes()
+    with pytest.raises(KeyError, match="no vae entry named 'other'; available: my-vae"):
+        selectors.MemKitVAESelector.execute("other")
+    vae = selectors.MemKitVAESelector.execute("my-vae").result[0]
+    assert torch.isfinite(_decode(vae)).all()
+
+
+def test_auto_gpu_load_hands_the_model_to_comfyui_model_management(comfy_host, make_service):
+    import comfy.model_management
+
+    service = make_service(auto_gpu_load=True)
+    comfy.model_management.unload_all_models()
+    model = service.checkout(ModelKind.DIFFUSION_MODEL, [WAN_DM], {"weight_dtype": "default"})
+    loaded = [m.model.model for m in comfy.model_management.current_loaded_models if m.model is not None]
+    assert model.model in loaded
