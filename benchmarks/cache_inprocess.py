@@ -29,14 +29,10 @@ def evict_from_page_cache(path: str) -> None:
 
 def main() -> None:
     mode, checkpoint = sys.argv[1], sys.argv[2]
-    sys.path.insert(0, os.environ["MEMKIT_COMFYUI"])
     sys.path.insert(0, str(REPO / "tests"))
-    import comfy.options
+    from support.comfy_host import import_comfy
 
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-
-    args.cpu = True
+    import_comfy()
     import folder_paths
     import nodes
     import psutil

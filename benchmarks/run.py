@@ -22,9 +22,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, os.environ["MEMKIT_COMFYUI"])
 
+from support.comfy_host import put_comfy_first_on_path  # noqa: E402
 from support.comfy_server import ComfyServer  # noqa: E402
+
+put_comfy_first_on_path()
 
 MODELS = Path(os.environ["MEMKIT_MODELS"])
 CKPT_A, CKPT_B = "memkit-sd15.safetensors", "memkit-sd15-b.safetensors"

@@ -136,8 +136,9 @@ def write_model_paths(models: Path, target: Path) -> Path:
     return target
 
 
-def prepare_run_base(models: Path) -> Path:
-    base = memkit_home() / "run-base"
+def prepare_base(base: Path, models: Path) -> Path:
+    """A ComfyUI --base-directory with this repository linked into custom_nodes and the fixture
+    models on an extra_model_paths.yaml (used by `make run` and the end-to-end tests)."""
     for sub in ("custom_nodes", "input", "output", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACKAGE_LINK_NAME
@@ -146,6 +147,10 @@ def prepare_run_base(models: Path) -> Path:
     link.symlink_to(REPO, target_is_directory=True)
     write_model_paths(models, base / "extra_model_paths.yaml")
     return base
+
+
+def prepare_run_base(models: Path) -> Path:
+    return prepare_base(memkit_home() / "run-base", models)
 
 
 def cmd_setup(_args: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ checkout's folder is called.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -27,11 +26,6 @@ def _import_package() -> None:
 
 
 _import_package()
-
-
-def models_dir() -> Path | None:
-    value = os.environ.get("MEMKIT_MODELS")
-    return Path(value) if value else None
 
 
 sys.path.insert(0, str(REPO / "tests"))  # shared helpers: `from support import ...`

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-if os.environ.get("MEMKIT_COMFYUI") and os.environ["MEMKIT_COMFYUI"] not in sys.path:
-    # for comfy_execution.graph_utils.GraphBuilder; first, so ComfyUI's `nodes` wins over ours
-    sys.path.insert(0, os.environ["MEMKIT_COMFYUI"])
-
+from support.comfy_host import put_comfy_first_on_path
 from support.comfy_server import ComfyServer
+
+put_comfy_first_on_path()  # for comfy_execution.graph_utils.GraphBuilder
 
 
 def write_config(path: Path, models: dict, **settings) -> Path:

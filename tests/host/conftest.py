@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-
-def _comfy_root() -> str:
-    root = os.environ.get("MEMKIT_COMFYUI")
-    if not root:
-        pytest.fail("MEMKIT_COMFYUI is not set: run the tests through `make test` (scripts/host.py)")
-    return root
+from support.comfy_host import import_comfy
 
 
 @pytest.fixture(scope="session")
 def comfy_host():
-    root = _comfy_root()
-    # First on the path: ComfyUI's `nodes` module must win over this repository's `nodes/` package
-    # (pytest runs from the repository root).
-    if root in sys.path:
-        sys.path.remove(root)
-    sys.path.insert(0, root)
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-
-    args.cpu = True
+    import_comfy()
     import folder_paths
     import nodes
 

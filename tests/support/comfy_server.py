@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from host import prepare_base  # noqa: E402  (scripts/host.py: the same base directory as `make run`)
 
 
 def free_port() -> int:
@@ -48,13 +50,7 @@ class ComfyServer:
     # --- life cycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = 240) -> ComfyServer:
-        for sub in ("custom_nodes", "input", "output", "user"):
-            (self.base / sub).mkdir(parents=True, exist_ok=True)
-        (self.base / "custom_nodes" / "comfyui-memkit").symlink_to(REPO, target_is_directory=True)
-        paths = self.base / "extra_model_paths.yaml"
-        folders = sorted(p.name for p in self.models.iterdir() if p.is_dir())
-        paths.write_text("fixtures:\n    base_path: " + str(self.models) + "\n"
-                         + "".join(f"    {f}: {f}\n" for f in folders))
+        paths = prepare_base(self.base, self.models) / "extra_model_paths.yaml"
         comfy = Path(os.environ["MEMKIT_COMFYUI"])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.extra_env}
         if self.config is not None:
