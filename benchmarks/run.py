@@ -7,6 +7,7 @@ benchmark refreshes its section and keeps the others. Usage: run.py [cache] [vae
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -158,7 +159,87 @@ def render_cache(r: dict) -> str:
     return "\n".join(lines)
 
 
-BENCHMARKS = {"cache": (bench_cache, render_cache)}
+VAE_CASES = {
+    # name: (vae file, latent shape, what it decodes to)
+    "sd": ("memkit-sd-vae.safetensors", "1,4,80,80", "SD VAE, 640×640 image"),
+    "wan": ("memkit-wan21-vae.safetensors", "1,16,3,24,40", "Wan 2.1 VAE (dim 96, the real size), 320×192×9 frames"),
+}
+VAE_METHODS = [
+    ("VAEDecode (untiled)", "untiled"),
+    ("VAEDecodeTiled, defaults (512 px, overlap 64)", "comfy:512:64"),
+    ("VAEDecodeTiled, 256 px, overlap 64", "comfy:256:64"),
+    ("MemKit, 256 px, overlap 64 (stride 192)", "memkit:256:256:192:192"),
+    ("MemKit, design defaults (272 px, strides 144/128)", "memkit:272:272:144:128"),
+    ("MemKit, auto", "memkit:auto"),
+]
+FRAME_SCALING = ("memkit-wan21-vae.safetensors", ["1,16,2,12,20", "1,16,5,12,20"])  # 5 vs 17 frames, 160×96
+
+
+def vae_worker(vae: str, shape: str, method: str, out: Path) -> dict:
+    cmd = [sys.executable, str(HERE / "vae_worker.py"), str(MODELS / "vae" / vae), shape, method, str(out)]
+    answer = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(answer.stdout.strip().splitlines()[-1])
+
+
+def compare(reference, other) -> dict:
+    import torch
+
+    mse = torch.mean((reference - other) ** 2).item()
+    return {"psnr": float("inf") if mse == 0 else 10 * math.log10(1 / mse),
+            "max_abs": (reference - other).abs().max().item()}
+
+
+def bench_vae() -> dict:
+    import torch
+
+    results = {"machine": machine(), "cases": {}, "frame_scaling": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, (vae, shape, title) in VAE_CASES.items():
+            rows = []
+            for label, method in VAE_METHODS:
+                out = Path(tmp) / f"{case}-{len(rows)}.pt"
+                row = {"label": label, "method": method, **vae_worker(vae, shape, method, out)}
+                reference = torch.load(Path(tmp) / f"{case}-0.pt")
+                row.update(compare(reference, torch.load(out)))
+                rows.append(row)
+            results["cases"][case] = {"title": title, "latent": shape, "rows": rows}
+        vae, shapes = FRAME_SCALING
+        for shape in shapes:
+            row = vae_worker(vae, shape, "untiled", Path(tmp) / "frames.pt")
+            results["frame_scaling"].append({"latent": shape, **row})
+    return results
+
+
+def render_vae(r: dict) -> str:
+    lines = ["## Tiled VAE decode (issue 4)", "",
+             "Each row is a fresh process: load the VAE, decode a small latent once (first-call costs), reset the "
+             "peak RSS (`/proc/self/clear_refs`), decode the seeded image-like latent once. *Decode memory* is the "
+             "peak RSS during the decode minus the RSS before it (the process with ComfyUI and the VAE loaded); "
+             "PSNR and max |diff| are against the untiled row of the same table (pixel values 0–1).", ""]
+    for case in r["cases"].values():
+        rows = case["rows"]
+        base = rows[0]
+        base_mem = base["peak_rss"] - base["baseline_rss"]
+        lines += [f"**{case['title']}** (latent {case['latent']}, fp32 on CPU)", "",
+                  "| decode | plan | time | vs untiled | decode memory | vs untiled | process peak RSS | PSNR | "
+                  "max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            memory = row["peak_rss"] - row["baseline_rss"]
+            psnr = "identical" if row["psnr"] == float("inf") else f"{row['psnr']:.1f} dB"
+            lines.append(f"| {row['label']} | {row['plan']} | {row['seconds']:.1f} s | "
+                         f"{row['seconds'] / base['seconds']:.2f}× | {memory / 2**20:.0f} MB | "
+                         f"{memory / base_mem:.0%} | {row['peak_rss'] / 2**30:.2f} GB | {psnr} | "
+                         f"{row['max_abs']:.3f} |")
+        lines.append("")
+    lines += ["Does the Wan 2.1 VAE's untiled peak depend on the frame count? (160×96, untiled)", "",
+              "| latent | frames | time | decode memory |", "|---|---|---|---|"]
+    for row in r["frame_scaling"]:
+        lines.append(f"| {row['latent']} | {row['shape'][0]} | {row['seconds']:.1f} s | "
+                     f"{(row['peak_rss'] - row['baseline_rss']) / 2**20:.0f} MB |")
+    return "\n".join(lines)
+
+
+BENCHMARKS = {"cache": (bench_cache, render_cache), "vae": (bench_vae, render_vae)}
 
 
 def render_all() -> str:

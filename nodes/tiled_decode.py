@@ -1,3 +1,78 @@
-"""Tiled VAE decode node (see vae_tiling/)."""
+"""MemKitTiledVAEDecode: a drop-in for VAEDecode that decodes tile by tile (logic in vae_tiling/)."""
 
-NODES: list = []
+from __future__ import annotations
+
+import torch
+from comfy.utils import ProgressBar
+from comfy_api.latest import io
+
+from ..vae_tiling.decode import TiledVAEDecoder
+from ..vae_tiling.plan import TileSettings, TileSettingsError, validate_pixel_settings
+
+DEFAULTS = TileSettings()
+SPATIAL_TOOLTIP = ("{what} in output pixels; rounded to the VAE's compression factor (8 for SD/SDXL/Flux and Wan 2.1, "
+                   "16 for Wan 2.2).")
+
+
+def _int(name: str, default: int, tooltip: str, minimum: int = 8, step: int = 8) -> io.Int.Input:
+    return io.Int.Input(name, default=default, min=minimum, max=8192, step=step, tooltip=tooltip)
+
+
+class MemKitTiledVAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitTiledVAEDecode",
+            display_name="Tiled VAE Decode (MemKit)",
+            category="memkit/latent",
+            description="Decodes latents tile by tile so the peak memory follows the tile, not the image. The "
+                        "latent-resolution part of SD-style VAEs (including the middle attention) runs once over "
+                        "the whole image; Wan video tiles keep the causal cache over every frame. Latents that fit "
+                        "in one tile decode exactly as VAEDecode. Output: frames as the batch, like VAEDecode.",
+            inputs=[
+                io.Latent.Input("samples", tooltip="The latent to decode (image or video)."),
+                io.Vae.Input("vae", tooltip="The VAE to decode with."),
+                _int("tile_x", DEFAULTS.tile_x, SPATIAL_TOOLTIP.format(what="Tile width")),
+                _int("tile_y", DEFAULTS.tile_y, SPATIAL_TOOLTIP.format(what="Tile height")),
+                _int("tile_stride_x", DEFAULTS.stride_x, "Horizontal distance between tile starts, in pixels; "
+                     "tile_x - tile_stride_x is the overlap that is blended."),
+                _int("tile_stride_y", DEFAULTS.stride_y, "Vertical distance between tile starts, in pixels; "
+                     "tile_y - tile_stride_y is the overlap that is blended."),
+                _int("temporal_size", DEFAULTS.tile_t, "Video VAEs that decode a whole clip at once: frames per "
+                     "chunk. Not used for image VAEs, nor for Wan, whose tiles run over every frame.",
+                     minimum=4, step=4),
+                _int("temporal_stride", DEFAULTS.stride_t, "Frames between chunk starts (temporal_size - "
+                     "temporal_stride frames are blended).", minimum=1, step=1),
+                io.Boolean.Input("auto", default=False, tooltip="Ignore the tile settings: decode untiled when the "
+                                 "VAE's estimate fits the free memory of its device, else use the largest square "
+                                 "tiles that fit, with 64 px of overlap."),
+            ],
+            outputs=[io.Image.Output(tooltip="The decoded images; video frames are the batch.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, tile_x: int, tile_y: int, tile_stride_x: int, tile_stride_y: int, temporal_size: int,
+                        temporal_stride: int) -> bool | str:
+        try:
+            validate_pixel_settings(TileSettings(tile_x, tile_y, tile_stride_x, tile_stride_y, temporal_size,
+                                                 temporal_stride))
+        except TileSettingsError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, samples: dict, vae, tile_x: int, tile_y: int, tile_stride_x: int, tile_stride_y: int,
+                temporal_size: int, temporal_stride: int, auto: bool) -> io.NodeOutput:
+        latent: torch.Tensor = samples["samples"]
+        decoder = TiledVAEDecoder(vae)
+        settings = None if auto else TileSettings(tile_x, tile_y, tile_stride_x, tile_stride_y, temporal_size,
+                                                  temporal_stride)
+        plan = decoder.plan(tuple(latent.shape), settings)
+        bar = ProgressBar(plan.tiles * latent.shape[0])
+        images = decoder.decode(latent, plan, progress=lambda done, total: bar.update_absolute(done, total))
+        if images.ndim == 5:  # frames as the batch, as VAEDecode does
+            images = images.reshape(-1, *images.shape[-3:])
+        return io.NodeOutput(images)
+
+
+NODES = [MemKitTiledVAEDecode]

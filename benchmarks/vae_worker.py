@@ -1,0 +1,73 @@
+"""One tiled/untiled decode in a fresh process (so its peak RSS is its own); prints one JSON line.
+
+Usage: vae_worker.py VAE_FILE SHAPE METHOD OUT.pt
+  SHAPE   comma-separated latent shape, e.g. 1,4,80,80 or 1,16,3,24,40
+  METHOD  untiled | comfy:TILE:OVERLAP | memkit:TILE_X:TILE_Y:STRIDE_X:STRIDE_Y | memkit:auto
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from support.comfy_host import import_comfy  # noqa: E402
+from support.latents import structured_latent  # noqa: E402
+
+
+def rss_now_and_peak() -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak below is the decode's alone."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def main() -> None:
+    vae_file, shape_text, method, out_file = sys.argv[1:5]
+    import_comfy()
+    import comfy.sd
+    import comfy.utils
+    import conftest  # noqa: F401  (imports this repository as comfyui_memkit)
+    import nodes
+    import torch
+
+    from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
+    from comfyui_memkit.vae_tiling.plan import TileSettings
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_file))
+    shape = tuple(int(n) for n in shape_text.split(","))
+    latent = structured_latent(shape, seed=20261123)
+    warm = structured_latent((*shape[:-2], 8, 8), seed=1)  # first-call costs (allocator, kernels) out of the timing
+    vae.decode(warm)
+    kind, _, rest = method.partition(":")
+    if kind == "memkit":
+        decoder = TiledVAEDecoder(vae)
+        settings = None if rest == "auto" else TileSettings(*(int(n) for n in rest.split(":")))
+        plan = decoder.plan(shape, settings)
+        plan.describe()
+    _baseline, _ = rss_now_and_peak()
+    reset_peak_rss()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if kind == "untiled":
+            images = nodes.VAEDecode().decode(vae, {"samples": latent})[0]
+        elif kind == "comfy":
+            tile, overlap = (int(n) for n in rest.split(":"))
+            images = nodes.VAEDecodeTiled().decode(vae, {"samples": latent}, tile, overlap)[0]
+        else:
+            images = decoder.decode(latent, plan)
+            if images.ndim == 5:
+                images = images.reshape(-1, *images.shape[-3:])
+    time.perf_counter() - started
+    _, _peak = rss_now_and_peak()
+    torch.save(images, out_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The tile planner and the blender, without ComfyUI."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from comfyui_memkit.vae_tiling.blend import BlendAccumulator, axis_feathers, feather
+from comfyui_memkit.vae_tiling.plan import (
+    TileSettings,
+    TileSettingsError,
+    fits_one_tile,
+    latent_grid,
+    plan_tiles,
+    recompute_factor,
+    spans,
+)
+
+
+@pytest.mark.parametrize(("length", "tile", "stride"), [(80, 32, 24), (48, 32, 24), (33, 32, 8), (100, 17, 5)])
+def test_spans_cover_every_position_with_full_tiles(length, tile, stride):
+    result = spans(length, tile, stride)
+    covered = torch.zeros(length, dtype=torch.int32)
+    for start, end in result:
+        assert end - start == tile
+        covered[start:end] += 1
+    assert bool((covered > 0).all())
+    assert result[-1][1] == length
+    assert all(b[0] - a[0] <= stride for a, b in itertools.pairwise(result))
+
+
+def test_a_length_within_one_tile_is_one_span():
+    assert spans(20, 32, 24) == [(0, 20)]
+
+
+def test_latent_grid_rounds_to_the_compression_factor_in_t_y_x_order():
+    grid = latent_grid(TileSettings(256, 128, 192, 64, 64, 48), spatial_factor=8, temporal_factor=4)
+    assert grid.sizes == (16, 16, 32)
+    assert grid.strides == (12, 8, 24)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (TileSettings(tile_x=128, stride_x=0), r"tile_stride_x must be greater than 0 \(got 0\)"),
+    (TileSettings(tile_y=128, stride_y=200), r"tile_y \(128\) must be greater than tile_stride_y \(200\)"),
+    (TileSettings(tile_x=100, stride_x=97), r"tile_x \(100\) and tile_stride_x \(97\) round to the same size"),
+    (TileSettings(tile_x=4, stride_x=2), r"tile_x \(4\) is smaller than the VAE's compression factor \(8\)"),
+])
+def test_bad_settings_name_the_input(settings, message):
+    with pytest.raises(TileSettingsError, match=message):
+        latent_grid(settings, spatial_factor=8)
+
+
+def test_plan_recompute_and_fit():
+    grid = latent_grid(TileSettings(256, 256, 192, 192), spatial_factor=8)
+    assert len(plan_tiles((1, 4, 80, 80), grid)) == 9
+    assert recompute_factor((1, 4, 80, 80), grid) == pytest.approx((96 / 80) ** 2)
+    assert fits_one_tile((1, 4, 32, 30), grid)
+    assert not fits_one_tile((1, 4, 33, 30), grid)
+
+
+def test_feathers_of_neighbours_sum_to_one_over_their_overlap():
+    weights = axis_feathers([(0, 64), (48, 112), (96, 160)])
+    total = torch.zeros(160)
+    for (start, end), w in weights.items():
+        total[start:end] += w
+    assert torch.allclose(total, torch.ones(160))
+    assert weights[(0, 64)][0] == 1.0  # image edges are not faded
+    assert feather(10, 0, 0).eq(1).all()
+
+
+def test_blending_crops_of_one_signal_gives_the_signal_back():
+    signal = torch.rand(1, 3, 2, 50, 70, generator=torch.Generator().manual_seed(3))
+    tiles = plan_tiles(tuple(signal.shape), latent_grid(TileSettings(24, 24, 16, 16), spatial_factor=1))
+    weights = [axis_feathers([t[i] for t in tiles]) for i in range(2)]
+    accumulator = BlendAccumulator(signal.shape, tiled_axes=2)
+    for region in tiles:
+        crop = signal[(..., *(slice(a, b) for a, b in region))].clone()
+        accumulator.add(crop, region, [w[s] for w, s in zip(weights, region)])
+    assert torch.allclose(accumulator.finish(), signal, atol=1e-6)
+
+
+def test_an_uncovered_output_is_an_error_not_a_silent_zero():
+    accumulator = BlendAccumulator((1, 1, 4, 4), tiled_axes=2)
+    accumulator.add(torch.ones(1, 1, 2, 4), [(0, 2), (0, 4)], [torch.ones(2), torch.ones(4)])
+    with pytest.raises(RuntimeError, match="uncovered"):
+        accumulator.finish()
