@@ -16,8 +16,8 @@ test:       ## lint + every test (unit, in-process, end-to-end through a real se
 test-fast:  ## lint + the tests not marked slow
 	$(HOST) test --fast
 
-bench:      ## benchmarks; writes BENCHMARKS.md
-	$(HOST) bench
+bench:      ## benchmarks; writes BENCHMARKS.md (ONLY="vae" or ONLY="cache" runs one section)
+	$(HOST) bench $(ONLY)
 
 lint:
 	$(HOST) python -m ruff check .

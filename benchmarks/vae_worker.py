@@ -7,6 +7,7 @@ Usage: vae_worker.py VAE_FILE SHAPE METHOD OUT.pt
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,13 +46,14 @@ def main() -> None:
     latent = structured_latent(shape, seed=20261123)
     warm = structured_latent((*shape[:-2], 8, 8), seed=1)  # first-call costs (allocator, kernels) out of the timing
     vae.decode(warm)
+    plan_text = method
     kind, _, rest = method.partition(":")
     if kind == "memkit":
         decoder = TiledVAEDecoder(vae)
         settings = None if rest == "auto" else TileSettings(*(int(n) for n in rest.split(":")))
         plan = decoder.plan(shape, settings)
-        plan.describe()
-    _baseline, _ = rss_now_and_peak()
+        plan_text = plan.describe()
+    baseline, _ = rss_now_and_peak()
     reset_peak_rss()
     started = time.perf_counter()
     with torch.inference_mode():
@@ -64,9 +66,11 @@ def main() -> None:
             images = decoder.decode(latent, plan)
             if images.ndim == 5:
                 images = images.reshape(-1, *images.shape[-3:])
-    time.perf_counter() - started
-    _, _peak = rss_now_and_peak()
+    seconds = time.perf_counter() - started
+    _, peak = rss_now_and_peak()
     torch.save(images, out_file)
+    sys.stdout.write(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak, "plan": plan_text,
+                                 "shape": list(images.shape)}) + "\n")
 
 
 if __name__ == "__main__":

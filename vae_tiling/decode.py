@@ -78,12 +78,18 @@ class TiledVAEDecoder:
     def _time_is_tiled(self, method: str) -> bool:
         return method == "volume" and self.temporal_factor is not None
 
-    def plan(self, shape: tuple[int, ...], settings: TileSettings | None) -> DecodePlan:
-        """The plan for ``settings``, or for ``auto`` (sized from free memory) when settings is None."""
+    def plan(self, shape: tuple[int, ...], settings: TileSettings | None,
+             free_memory: float | None = None) -> DecodePlan:
+        """The plan for ``settings``, or for ``auto`` when settings is None: sized from ``free_memory``
+        (default: what ComfyUI reports free on the VAE's device)."""
         method = self.method(len(shape))
         temporal = self.temporal_factor if self._time_is_tiled(method) else None
         if settings is None:
-            grid = self._auto_grid(shape, method)
+            if free_memory is None:
+                from comfy import model_management
+
+                free_memory = model_management.get_free_memory(self.vae.device)
+            grid = self._auto_grid(shape, method, free_memory)
         else:
             grid = latent_grid(settings, self.spatial_factor, temporal)
         if grid is None or fits_one_tile(shape, grid):
@@ -95,11 +101,8 @@ class TiledVAEDecoder:
             shape = (*shape[:2], 1, *shape[3:])
         return float(self.vae.memory_used_decode((1, *shape[1:]), self.vae.vae_dtype))
 
-    def _auto_grid(self, shape: tuple[int, ...], method: str) -> LatentGrid | None:
+    def _auto_grid(self, shape: tuple[int, ...], method: str, free: float) -> LatentGrid | None:
         """Untiled when the whole latent fits in free memory, else the largest square tiles that fit."""
-        from comfy import model_management
-
-        free = model_management.get_free_memory(self.vae.device)
         if self._memory_for(shape, method) <= free:
             return None
         overlap = max(1, to_latent(AUTO_OVERLAP_PIXELS, self.spatial_factor, "overlap"))

@@ -135,6 +135,48 @@ def test_auto_decodes_untiled_when_memory_allows(comfy_host, sd_vae, node):
     assert torch.equal(node(sd_vae, latent, auto=True), vae_decode(comfy_host, sd_vae, latent))
 
 
+def test_auto_picks_the_largest_tiles_that_fit_when_memory_is_short(sd_vae):
+    from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
+
+    decoder = TiledVAEDecoder(sd_vae)
+    shape = (1, 4, 80, 80)
+    estimate = lambda s: sd_vae.memory_used_decode(s, sd_vae.vae_dtype)  # noqa: E731
+    budget = estimate((1, 4, 40, 40))
+    plan = decoder.plan(shape, None, free_memory=budget)
+    side = plan.grid.sizes[0]
+    assert plan.grid.sizes == (side, side)
+    assert plan.grid.strides == (side - 8, side - 8)  # 64 px of overlap
+    assert estimate((1, 4, side, side)) <= budget < estimate((1, 4, side + 8, side + 8))
+    assert decoder.plan(shape, None, free_memory=estimate(shape)).grid is None  # fits: untiled
+
+
+def test_whole_clip_video_vaes_are_chunked_in_time_and_blended(comfy_host):
+    """The temporal path, driven with the tiny Wan VAE decoded chunk by chunk as a whole-clip VAE would be."""
+    from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
+    from comfyui_memkit.vae_tiling.plan import TileSettings
+
+    class ChunkedInTime(TiledVAEDecoder):
+        def method(self, samples_ndim: int) -> str:
+            return "volume"
+
+    vae = comfy_host.nodes.VAELoader().load_vae("memkit-wan21-vae-tiny.safetensors")[0]
+    latent = structured_latent((1, 16, 7, 6, 8), SEED)
+    decoder = ChunkedInTime(vae)
+    plan = decoder.plan(tuple(latent.shape), TileSettings(64, 64, 32, 32, tile_t=16, stride_t=12))
+    assert plan.grid.sizes[0] == 4
+    assert plan.grid.strides[0] == 3
+    assert plan.tiles == 2  # chunks [0, 4) and [3, 7); the frame fits one spatial tile
+    with torch.inference_mode():
+        chunked = decoder.decode(latent, plan)
+        first_chunk = vae.decode(latent[:, :, :4])
+    untiled = vae_decode(comfy_host, vae, latent)
+    assert chunked.shape == (1, 25, 48, 64, 3)
+    assert untiled.shape == (25, 48, 64, 3)
+    assert torch.isfinite(chunked).all()
+    # frames 0..11 come from the first chunk alone (the second starts at output frame 12)
+    assert torch.allclose(chunked[0, :12], first_chunk[0, :12], atol=1e-5)
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"tile_stride_x": 300}, "tile_x (272) must be greater than tile_stride_x (300)"),
     ({"tile_y": 128, "tile_stride_y": 128}, "tile_y (128) must be greater than tile_stride_y (128)"),
