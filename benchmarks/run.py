@@ -7,7 +7,6 @@ benchmark refreshes its section and keeps the others. Usage: run.py [cache] [vae
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from support.comfy_host import put_comfy_first_on_path  # noqa: E402
 from support.comfy_server import ComfyServer  # noqa: E402
+from support.metrics import psnr  # noqa: E402
 
 put_comfy_first_on_path()
 
@@ -182,11 +182,7 @@ def vae_worker(vae: str, shape: str, method: str, out: Path) -> dict:
 
 
 def compare(reference, other) -> dict:
-    import torch
-
-    mse = torch.mean((reference - other) ** 2).item()
-    return {"psnr": float("inf") if mse == 0 else 10 * math.log10(1 / mse),
-            "max_abs": (reference - other).abs().max().item()}
+    return {"psnr": psnr(reference, other), "max_abs": (reference - other).abs().max().item()}
 
 
 def bench_vae() -> dict:

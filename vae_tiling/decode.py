@@ -11,7 +11,16 @@ from typing import Any
 import torch
 
 from .blend import BlendAccumulator, axis_feathers
-from .plan import LatentGrid, TileSettings, fits_one_tile, latent_grid, plan_tiles, recompute_factor, to_latent
+from .plan import (
+    LatentGrid,
+    Region,
+    TileSettings,
+    fits_one_tile,
+    latent_grid,
+    plan_tiles,
+    recompute_factor,
+    to_latent,
+)
 from .stages import KLStages, WanStages, is_frame_causal
 
 log = logging.getLogger(__name__)
@@ -28,8 +37,12 @@ class DecodePlan:
 
     method: str
     grid: LatentGrid | None
-    tiles: int
+    regions: tuple[Region, ...]
     recompute: float
+
+    @property
+    def tiles(self) -> int:
+        return len(self.regions)
 
     def describe(self) -> str:
         if self.grid is None:
@@ -93,8 +106,8 @@ class TiledVAEDecoder:
         else:
             grid = latent_grid(settings, self.spatial_factor, temporal)
         if grid is None or fits_one_tile(shape, grid):
-            return DecodePlan(method, None, 1, 1.0)
-        return DecodePlan(method, grid, len(plan_tiles(shape, grid)), recompute_factor(shape, grid))
+            return DecodePlan(method, None, ((),), 1.0)
+        return DecodePlan(method, grid, tuple(plan_tiles(shape, grid)), recompute_factor(shape, grid))
 
     def _memory_for(self, shape: tuple[int, ...], method: str) -> float:
         if method in ("frame-causal", "wan-staged"):  # one latent frame at a time: time barely adds memory
@@ -130,15 +143,12 @@ class TiledVAEDecoder:
             if progress:
                 progress(1, 1)
             return images
-        grid = plan.grid
-        tiles = plan_tiles(tuple(samples.shape), grid)
+        tiles = plan.regions
         self._load(tuple(samples.shape), tiles[0], plan.method)
-        axes = self._axes(samples.ndim, len(grid.sizes))
+        all_axes = self._axes(samples.ndim)
+        axes = all_axes[len(all_axes) - len(plan.grid.sizes):]  # the tiled ones are last
         weights = [axis_feathers([axis.out_span(region[i]) for region in tiles]) for i, axis in enumerate(axes)]
-        untiled_axes = samples.shape[2:samples.ndim - len(grid.sizes)]
-        out_shape = (samples.shape[0], vae.output_channels,
-                     *(self._axes(samples.ndim, samples.ndim - 2)[i].length(n) for i, n in enumerate(untiled_axes)),
-                     *(axis.length(n) for axis, n in zip(axes, samples.shape[samples.ndim - len(grid.sizes):])))
+        out_shape = (1, vae.output_channels, *(axis.length(n) for axis, n in zip(all_axes, samples.shape[2:])))
         log.info("MemKit tiled decode of %s: %s", tuple(samples.shape), plan.describe())
         done, total = 0, len(tiles) * samples.shape[0]
         results = []
@@ -146,7 +156,7 @@ class TiledVAEDecoder:
             for index in range(samples.shape[0]):
                 latent = samples[index:index + 1].to(vae.vae_dtype).to(vae.device)
                 decode_tile = self._tile_decoder(latent, plan.method)
-                accumulator = BlendAccumulator((1, *out_shape[1:]), len(grid.sizes), vae.output_device)
+                accumulator = BlendAccumulator(out_shape, len(axes), vae.output_device)
                 for region in tiles:
                     window = (..., *(slice(a, b) for a, b in region))
                     decoded = decode_tile(window).to(vae.output_device).float()
@@ -167,18 +177,16 @@ class TiledVAEDecoder:
             return lambda window: stages.upsampling_stage(features[window])
         return lambda window: self.model.decode(latent[window])
 
-    def _axes(self, ndim: int, count: int) -> list[_Axis]:
-        """Output mapping for the last ``count`` latent axes."""
+    def _axes(self, ndim: int) -> list[_Axis]:
+        """Output mapping for every latent axis after batch and channels."""
         ratio = self.vae.upscale_ratio
         spatial = _Axis(_scale(self.spatial_factor), _scale(self.spatial_factor))
         if ndim == 5:
             formula = self.vae.upscale_index_formula
             time_ratio = ratio[0] if isinstance(ratio, (tuple, list)) else ratio
             time_pos = formula[0] if formula is not None else time_ratio
-            all_axes = [_Axis(_scale(time_ratio), _scale(time_pos)), spatial, spatial]
-        else:
-            all_axes = [spatial, spatial]
-        return all_axes[len(all_axes) - count:]
+            return [_Axis(_scale(time_ratio), _scale(time_pos)), spatial, spatial]
+        return [spatial, spatial]
 
     def _load(self, shape: tuple[int, ...], first_tile: tuple, method: str) -> None:
         """Put the VAE on its decode device through ComfyUI, asking for one tile's worth of memory."""

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from support.latents import structured_latent
+from support.metrics import psnr
 
 pytestmark = pytest.mark.slow
 
 SEED = 20261123
-
-
-def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
-    mse = torch.mean((reference - other) ** 2).item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+NODE_DEFAULTS = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128, "temporal_size": 64,
+                 "temporal_stride": 48}  # the node's documented defaults, spelled out
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +29,9 @@ def node(comfy_host):
     from comfyui_memkit.nodes.tiled_decode import MemKitTiledVAEDecode
 
     def run(vae, latent, auto=False, **settings):
-        values = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128, "temporal_size": 64,
-                  "temporal_stride": 48} | settings
         with torch.inference_mode():
-            return MemKitTiledVAEDecode.execute(samples={"samples": latent}, vae=vae, auto=auto, **values).result[0]
+            return MemKitTiledVAEDecode.execute(samples={"samples": latent}, vae=vae, auto=auto,
+                                                **(NODE_DEFAULTS | settings)).result[0]
 
     return run
 
@@ -185,9 +180,7 @@ def test_whole_clip_video_vaes_are_chunked_in_time_and_blended(comfy_host):
 def test_invalid_settings_are_rejected_before_running(comfy_host, settings, message):
     from comfyui_memkit.nodes.tiled_decode import MemKitTiledVAEDecode
 
-    values = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128, "temporal_size": 64,
-              "temporal_stride": 48} | settings
-    assert message in MemKitTiledVAEDecode.validate_inputs(**values)
+    assert message in MemKitTiledVAEDecode.validate_inputs(**(NODE_DEFAULTS | settings))
 
 
 def test_settings_that_round_to_no_overlap_name_the_inputs(sd_vae, node):
