@@ -172,7 +172,7 @@ VAE_METHODS = [
     ("MemKit, design defaults (272 px, strides 144/128)", "memkit:272:272:144:128"),
     ("MemKit, auto", "memkit:auto"),
 ]
-FRAME_SCALING = ("memkit-wan21-vae.safetensors", ["1,16,2,12,20", "1,16,5,12,20"])  # 5 vs 17 frames, 160×96
+FRAME_SCALING = ("memkit-wan21-vae.safetensors", ["1,16,2,24,40", "1,16,5,24,40"])  # 5 vs 17 frames, 320×192
 
 
 def vae_worker(vae: str, shape: str, method: str, out: Path) -> dict:
@@ -209,7 +209,8 @@ def bench_vae() -> dict:
 def render_vae(r: dict) -> str:
     lines = ["## Tiled VAE decode (issue 4)", "",
              "Each row is a fresh process: load the VAE, decode a small latent once (first-call costs), reset the "
-             "peak RSS (`/proc/self/clear_refs`), decode the seeded image-like latent once. *Decode memory* is the "
+             "peak RSS (`malloc_trim`, then `/proc/self/clear_refs`), decode the seeded image-like latent once. "
+             "*Decode memory* is the "
              "peak RSS during the decode minus the RSS before it (the process with ComfyUI and the VAE loaded); "
              "PSNR and max |diff| are against the untiled row of the same table (pixel values 0–1).", ""]
     for case in r["cases"].values():
@@ -227,11 +228,11 @@ def render_vae(r: dict) -> str:
                          f"{memory / base_mem:.0%} | {row['peak_rss'] / 2**30:.2f} GB | {psnr} | "
                          f"{row['max_abs']:.3f} |")
         lines.append("")
-    lines += ["Does the Wan 2.1 VAE's untiled peak depend on the frame count? (160×96, untiled)", "",
-              "| latent | frames | time | decode memory |", "|---|---|---|---|"]
+    lines += ["Does the Wan 2.1 VAE's untiled peak depend on the frame count? (320×192, untiled VAEDecode)", "",
+              "| latent | frames | time | decode memory | process peak RSS |", "|---|---|---|---|---|"]
     for row in r["frame_scaling"]:
         lines.append(f"| {row['latent']} | {row['shape'][0]} | {row['seconds']:.1f} s | "
-                     f"{(row['peak_rss'] - row['baseline_rss']) / 2**20:.0f} MB |")
+                     f"{(row['peak_rss'] - row['baseline_rss']) / 2**20:.0f} MB | {row['peak_rss'] / 2**30:.2f} GB |")
     return "\n".join(lines)
 
 
