@@ -1,50 +1,80 @@
-"""The ComfyUI side of the cache: load exactly as ComfyUI's loaders do, measure, clone.
+"""The ComfyUI side of the cache: load exactly as ComfyUI's loaders do, measure, clone, place.
 
-Every miss goes through ComfyUI's own loader classes (``nodes.CheckpointLoaderSimple``,
-``nodes.UNETLoader``, ``nodes.VAELoader``) or, for text encoders, the same ``comfy.sd.load_clip``
-call its CLIP loaders make, so a cached model is the model ComfyUI would have built.
+Every miss calls ComfyUI's own loader node by its id (``CheckpointLoaderSimple``, ``UNETLoader``,
+``VAELoader``, ``CLIPLoader``, ``DualCLIPLoader``, ``TripleCLIPLoader``) through the node
+registry, V1 or V3 alike, so a cached model is the model ComfyUI would have built, in whatever
+ComfyUI version runs. Every ComfyUI symbol the cache uses is imported in this module only.
+
+Thread rule: ``load`` may run before ComfyUI's prompt worker starts or on the executing thread;
+``place_on_device`` and ``raise_interrupt`` only on the executing thread (ComfyUI's model
+management keeps its state without a lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from .cache import Footprint
 from .recipe import ModelKind
 
-FOLDERS: dict[ModelKind, str] = {
-    ModelKind.CHECKPOINT: "checkpoints",
-    ModelKind.TEXT_ENCODER: "text_encoders",
-    ModelKind.DIFFUSION_MODEL: "diffusion_models",
-    ModelKind.VAE: "vae",
-}
+NONE_NAME = "none"
+
+
+class LoadedValue:
+    """What the cache stores: the parts a loader returned (MODEL, CLIP, VAE ...).
+
+    A plain object so that the cache can hold it weakly once evicted; every clone handed out
+    refers back to it, so it lives exactly as long as some prompt or ComfyUI's output cache
+    holds one of our clones.
+    """
+
+    __slots__ = ("__weakref__", "parts")
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        self.parts = parts
+
+
+# --- host choices ----------------------------------------------------------------------------
+
+def _node_class(node_id: str) -> type:
+    import nodes
+
+    try:
+        return nodes.NODE_CLASS_MAPPINGS[node_id]
+    except KeyError:
+        raise RuntimeError(f"ComfyUI has no node {node_id!r} (is it an older or newer ComfyUI?)") from None
+
+
+def _input_options(node_id: str, section: str, name: str) -> tuple[str, ...]:
+    """The choices of a combo input of a V1 or V3 node, as /object_info reports them."""
+    cls = _node_class(node_id)
+    spec = cls.INPUT_TYPES()[section][name]
+    options = spec[0] if isinstance(spec[0], list | tuple) else spec[1].get("options", [])
+    return tuple(options)
 
 
 def clip_types() -> tuple[str, ...]:
     """The clip types ComfyUI's single and dual CLIP loaders offer, in their order."""
-    import nodes
-
     seen: list[str] = []
-    for loader in (nodes.CLIPLoader, nodes.DualCLIPLoader):
-        for name in loader.INPUT_TYPES()["required"]["type"][0]:
+    for node_id in ("CLIPLoader", "DualCLIPLoader"):
+        for name in _input_options(node_id, "required", "type"):
             if name not in seen:
                 seen.append(name)
     return tuple(seen)
 
 
 def weight_dtypes() -> tuple[str, ...]:
-    import nodes
-
-    return tuple(nodes.UNETLoader.INPUT_TYPES()["required"]["weight_dtype"][0])
+    return _input_options("UNETLoader", "required", "weight_dtype")
 
 
 def clip_devices() -> tuple[str, ...]:
-    import nodes
-
-    return tuple(nodes.CLIPLoader.INPUT_TYPES()["optional"]["device"][0])
+    return _input_options("CLIPLoader", "optional", "device")
 
 
 def file_choices(kind: ModelKind) -> list[str]:
@@ -53,45 +83,96 @@ def file_choices(kind: ModelKind) -> list[str]:
 
     if kind is ModelKind.VAE:
         return nodes.VAELoader.vae_list(nodes.VAELoader)
-    return folder_paths.get_filename_list(FOLDERS[kind])
+    return folder_paths.get_filename_list(kind.folder)
 
 
 def resolve(kind: ModelKind, name: str) -> str | None:
     """The file behind a model name, searched only inside ComfyUI's model folders."""
     import folder_paths
 
-    if name not in folder_paths.get_filename_list(FOLDERS[kind]):
-        if kind is ModelKind.VAE and name in folder_paths.get_filename_list("vae_approx"):
-            return folder_paths.get_full_path("vae_approx", name)
+    if name not in folder_paths.get_filename_list(kind.folder):
         return None
-    return folder_paths.get_full_path(FOLDERS[kind], name)
+    return folder_paths.get_full_path(kind.folder, name)
 
 
-def load(kind: ModelKind, names: list[str], options: dict[str, str]) -> Any:
-    """Load through ComfyUI's standard path; returns what the matching core loader returns."""
-    import comfy.sd
+def user_directory() -> str | None:
     import folder_paths
-    import nodes
 
+    return folder_paths.get_user_directory()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def call_node(node_id: str, **inputs: Any) -> tuple[Any, ...]:
+    """Run a ComfyUI node's function with these inputs, whether it is a V1 or a V3 node."""
+    cls = _node_class(node_id)
+    if hasattr(cls, "define_schema"):
+        result = cls.execute(**inputs)
+        if inspect.isawaitable(result):
+            raise RuntimeError(f"{node_id} is asynchronous; MemKit can only call synchronous loaders")
+        return tuple(result.result if hasattr(result, "result") else result)
+    return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
+
+
+def load(kind: ModelKind, names: list[str], options: dict[str, str]) -> LoadedValue:
+    """Load through ComfyUI's own loader node for this kind; the parts it returns, as it returns them."""
     if kind is ModelKind.CHECKPOINT:
-        return tuple(nodes.CheckpointLoaderSimple().load_checkpoint(names[0]))
-    if kind is ModelKind.DIFFUSION_MODEL:
-        return nodes.UNETLoader().load_unet(names[0], options.get("weight_dtype", "default"))[0]
-    if kind is ModelKind.VAE:
-        return nodes.VAELoader().load_vae(names[0])[0]
-    clip_type = getattr(comfy.sd.CLIPType, options.get("type", "stable_diffusion").upper(),
-                        comfy.sd.CLIPType.STABLE_DIFFUSION)
-    model_options = {}
-    if options.get("device") == "cpu":
-        model_options["load_device"] = model_options["offload_device"] = torch.device("cpu")
-    paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in names]
-    return comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                              clip_type=clip_type, model_options=model_options)
+        parts = call_node("CheckpointLoaderSimple", ckpt_name=names[0])[:3]
+    elif kind is ModelKind.DIFFUSION_MODEL:
+        parts = call_node("UNETLoader", unet_name=names[0], weight_dtype=options.get("weight_dtype", "default"))[:1]
+    elif kind is ModelKind.VAE:
+        parts = call_node("VAELoader", vae_name=names[0])[:1]
+    else:
+        parts = _load_text_encoders(names, options)
+    return LoadedValue(tuple(parts))
 
 
-def _parts(value: Any) -> Iterable[Any]:
-    return value if isinstance(value, tuple) else (value,)
+def _load_text_encoders(names: list[str], options: dict[str, str]) -> tuple[Any, ...]:
+    clip_type, device = options.get("type", "stable_diffusion"), options.get("device", "default")
+    if len(names) == 1:
+        return call_node("CLIPLoader", clip_name=names[0], type=clip_type, device=device)[:1]
+    if len(names) == 2:
+        return call_node("DualCLIPLoader", clip_name1=names[0], clip_name2=names[1], type=clip_type,
+                         device=device)[:1]
+    if device != "default":
+        raise ValueError("three text encoders load through ComfyUI's TripleCLIPLoader, which has no device "
+                         f"input; use device 'default', not {device!r}")
+    return call_node("TripleCLIPLoader", clip_name1=names[0], clip_name2=names[1], clip_name3=names[2])[:1]
 
+
+def is_empty(value: LoadedValue) -> bool:
+    """ComfyUI returns None for a part it could not detect (e.g. not a model it knows)."""
+    return not value.parts or value.parts[0] is None
+
+
+# --- clones ----------------------------------------------------------------------------------
+
+def _clone_part(part: Any) -> Any:
+    if part is None:
+        return None
+    if hasattr(part, "clone"):  # ModelPatcher, CLIP
+        return part.clone()
+    if hasattr(part, "patcher"):  # comfy.sd.VAE has no clone(): share weights, own patcher
+        twin = copy.copy(part)
+        twin.patcher = part.patcher.clone()
+        return twin
+    return part
+
+
+def clone(value: LoadedValue) -> tuple[Any, ...]:
+    """Copies whose patches (LoRA, hooks, options) never reach the cached original.
+
+    Each clone refers back to ``value``, which keeps it alive while ComfyUI holds the clone.
+    """
+    clones = tuple(_clone_part(part) for part in value.parts)
+    for twin in clones:
+        if twin is not None:
+            with contextlib.suppress(AttributeError):  # __slots__: it just does not keep value alive
+                twin._memkit_origin = value
+    return clones
+
+
+# --- measuring and placing -------------------------------------------------------------------
 
 def _module_of(part: Any) -> torch.nn.Module | None:
     for attribute in ("model", "cond_stage_model", "first_stage_model"):
@@ -101,69 +182,85 @@ def _module_of(part: Any) -> torch.nn.Module | None:
     return None
 
 
-def tensor_bytes(value: Any) -> int:
-    """Bytes of the distinct tensor storages a loaded value holds (shared weights once)."""
+def _tensors(value: LoadedValue) -> Iterable[torch.Tensor]:
+    for part in value.parts:
+        module = _module_of(part) if part is not None else None
+        if module is not None:
+            yield from module.parameters()
+            yield from module.buffers()
+
+
+def footprint(value: LoadedValue) -> Footprint:
+    """Bytes of the distinct tensor storages a value holds, RAM and accelerator apart."""
     seen: set[tuple[str, int]] = set()
-    total = 0
-    for part in _parts(value):
-        module = _module_of(part)
-        if module is None:
+    ram = vram = 0
+    for tensor in _tensors(value):
+        if tensor.device.type == "meta":
             continue
-        for tensor in (*module.parameters(), *module.buffers()):
-            if tensor.device.type == "meta":
-                continue
-            storage = tensor.untyped_storage()
-            ident = (str(tensor.device), storage.data_ptr())
-            if ident not in seen:
-                seen.add(ident)
-                total += storage.nbytes()
-    return total
+        storage = tensor.untyped_storage()
+        ident = (str(tensor.device), storage.data_ptr())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        if tensor.device.type == "cpu":
+            ram += storage.nbytes()
+        else:
+            vram += storage.nbytes()
+    return Footprint(ram, vram)
 
 
-def device_of(value: Any) -> str:
-    devices = set()
-    for part in _parts(value):
-        module = _module_of(part)
+def devices(value: LoadedValue) -> str:
+    """Where the weights are now, e.g. ``cpu`` or ``cpu,cuda:0`` (ComfyUI moves them as it needs)."""
+    found = set()
+    for part in value.parts:
+        module = _module_of(part) if part is not None else None
         tensor = next(iter(module.parameters()), None) if module is not None else None
         if tensor is not None:
-            devices.add(str(tensor.device))
-    return ",".join(sorted(devices)) or "-"
+            found.add(str(tensor.device))
+    return ",".join(sorted(found)) or "-"
 
 
-def clone(value: Any) -> Any:
-    """A copy whose patches (LoRA, hooks, options) never reach the cached original."""
-    if isinstance(value, tuple):
-        return tuple(clone(part) for part in value)
-    if value is None:
-        return None
-    if hasattr(value, "clone"):
-        return value.clone()
-    if hasattr(value, "patcher"):  # comfy.sd.VAE has no clone(); share weights, own patcher
-        twin = copy.copy(value)
-        twin.patcher = value.patcher.clone()
-        return twin
-    return value
+def patchers(value: LoadedValue) -> list[Any]:
+    """The ModelPatchers of a value: a MODEL is one; a CLIP or a VAE has one as ``.patcher``."""
+    from comfy.model_patcher import ModelPatcher
 
-
-def patchers(value: Any) -> list[Any]:
     found = []
-    for part in _parts(value):
-        if part is None:
-            continue
-        patcher = part if hasattr(part, "model_size") else getattr(part, "patcher", None)
-        if patcher is not None:
+    for part in value.parts:
+        patcher = part if isinstance(part, ModelPatcher) else getattr(part, "patcher", None)
+        if isinstance(patcher, ModelPatcher):
             found.append(patcher)
     return found
 
 
-def load_to_gpu(value: Any) -> None:
-    """Move a cached value to the compute device through ComfyUI's model management."""
+def place_on_device(value: LoadedValue) -> None:
+    """Move a cached value to its load device through ComfyUI's model management (executing thread only)."""
     import comfy.model_management
 
     comfy.model_management.load_models_gpu(patchers(value))
 
 
-def user_directory() -> str | None:
-    import folder_paths
+# --- the executing thread --------------------------------------------------------------------
 
-    return folder_paths.get_user_directory()
+def interrupted() -> bool:
+    """Whether the user asked ComfyUI to stop the running prompt (/interrupt)."""
+    import comfy.model_management
+
+    return comfy.model_management.processing_interrupted()
+
+
+def raise_interrupt() -> None:
+    """End the running prompt as ComfyUI's own interrupt does (and clear the request)."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    raise comfy.model_management.InterruptProcessingException()
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+
+        return comfyui_version.__version__
+    except ImportError:
+        return "unknown"
+

@@ -54,7 +54,6 @@ def check_model_name(name: str) -> str:
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: ClassVar[ModelKind]
-    folder: ClassVar[str]
 
     enabled: bool = True
     cache_key: str = ""
@@ -70,7 +69,6 @@ class _Entry(BaseModel):
 
 class CheckpointEntry(_Entry):
     kind: ClassVar[ModelKind] = ModelKind.CHECKPOINT
-    folder: ClassVar[str] = "checkpoints"
     name: str
 
     @field_validator("name")
@@ -84,7 +82,6 @@ class CheckpointEntry(_Entry):
 
 class TextEncoderEntry(_Entry):
     kind: ClassVar[ModelKind] = ModelKind.TEXT_ENCODER
-    folder: ClassVar[str] = "text_encoders"
     clip_names: list[str] = Field(min_length=1, max_length=3)
     type: str = "stable_diffusion"
     device: str = "default"
@@ -113,7 +110,6 @@ class TextEncoderEntry(_Entry):
 
 class DiffusionModelEntry(_Entry):
     kind: ClassVar[ModelKind] = ModelKind.DIFFUSION_MODEL
-    folder: ClassVar[str] = "diffusion_models"
     model_name: str
     weight_dtype: str = "default"
 
@@ -136,7 +132,6 @@ class DiffusionModelEntry(_Entry):
 
 class VAEEntry(_Entry):
     kind: ClassVar[ModelKind] = ModelKind.VAE
-    folder: ClassVar[str] = "vae"
     vae_name: str
 
     @field_validator("vae_name")
@@ -149,10 +144,8 @@ class VAEEntry(_Entry):
 
 
 ENTRY_TYPES: dict[str, type[_Entry]] = {
-    "checkpoints": CheckpointEntry,
-    "text_encoders": TextEncoderEntry,
-    "diffusion_models": DiffusionModelEntry,
-    "vaes": VAEEntry,
+    entry_type.kind.section: entry_type
+    for entry_type in (CheckpointEntry, TextEncoderEntry, DiffusionModelEntry, VAEEntry)
 }
 
 PreloadEntry = CheckpointEntry | TextEncoderEntry | DiffusionModelEntry | VAEEntry

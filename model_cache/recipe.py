@@ -13,7 +13,6 @@ import os
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 
 class ModelKind(str, Enum):
@@ -21,6 +20,22 @@ class ModelKind(str, Enum):
     TEXT_ENCODER = "text_encoder"
     DIFFUSION_MODEL = "diffusion_model"
     VAE = "vae"
+
+    @property
+    def folder(self) -> str:
+        """ComfyUI's model folder name for this kind (the one place it is written)."""
+        return _FOLDERS[self]
+
+    @property
+    def section(self) -> str:
+        """The preload_config.json section that lists this kind."""
+        return _SECTIONS[self]
+
+
+_FOLDERS = {ModelKind.CHECKPOINT: "checkpoints", ModelKind.TEXT_ENCODER: "text_encoders",
+            ModelKind.DIFFUSION_MODEL: "diffusion_models", ModelKind.VAE: "vae"}
+_SECTIONS = {ModelKind.CHECKPOINT: "checkpoints", ModelKind.TEXT_ENCODER: "text_encoders",
+             ModelKind.DIFFUSION_MODEL: "diffusion_models", ModelKind.VAE: "vaes"}
 
 
 @dataclass(frozen=True)
@@ -33,24 +48,30 @@ class FileIdentity:
 
 
 class FileIdentityReader:
-    """Reads file identities; content hashes are computed once per (path, size, mtime)."""
+    """Reads file identities; a content hash is computed once per version of a file.
+
+    A version is (path, inode, size, mtime, ctime): a file rewritten in place with the same size
+    and its mtime set back still gets a new ctime (which no program can set), so it is hashed again.
+    """
 
     def __init__(self, hash_contents: bool = False) -> None:
         self.hash_contents = hash_contents
-        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._hashes: dict[tuple[str, int, int, int, int], str] = {}
         self._lock = threading.Lock()
 
     def read(self, path: str) -> FileIdentity:
         stat = os.stat(path)
         if not self.hash_contents:
             return FileIdentity(stat.st_size, stat.st_mtime_ns)
-        memo = (path, stat.st_size, stat.st_mtime_ns)
+        memo = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         with self._lock:
             digest = self._hashes.get(memo)
         if digest is None:
             digest = _sha256_of(path)
-            with self._lock:
-                self._hashes[memo] = digest
+            after = os.stat(path)
+            if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == memo[1:]:
+                with self._lock:
+                    self._hashes[memo] = digest  # only a digest of a file that did not change meanwhile
         return FileIdentity(stat.st_size, stat.st_mtime_ns, digest)
 
 
@@ -93,13 +114,3 @@ class LoadRecipe:
     @property
     def file_bytes(self) -> int:
         return sum(i.size for i in self.identities)
-
-    def default_alias(self) -> str:
-        """A readable name for an entry that has no configured cache_key."""
-        names = "+".join(Path(p).name for p in self.paths)
-        shown = [f"{k}={v}" for k, v in self.options if v not in ("default", "", "None")]
-        suffix = f"[{','.join(shown)}]" if shown else ""
-        return f"{self.kind.value}:{names}{suffix}"
-
-    def describe_options(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.options) or "-"

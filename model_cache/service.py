@@ -1,23 +1,32 @@
-"""The one process-wide MemKit service: config + cache + preloading, as nodes and routes see it."""
+"""The one process-wide MemKit service: the config, the cache, the cache keys and the preload state.
+
+Nodes and routes reach everything through ``get_service()``. Loading goes through ``request``;
+which thread may do what is decided here (see ``model_cache.preload`` for the thread rule):
+callers on ComfyUI's executing thread say so, and only they place models on a device or honour
+ComfyUI's interrupt.
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 
 from . import comfy_models
+from .aliases import AliasRegistry, entry_alias
+from .cache import LoadOutcome, LoadWaitInterruptedError, ModelCache
 from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config
-from .manager import LoadOutcome, ModelCache
+from .preload import PreloadState
 from .recipe import FileIdentityReader, LoadRecipe, ModelKind
 
 log = logging.getLogger("memkit")
 
 DEFAULT_BUDGET_FRACTION = 0.6
+RAM_PRESSURE_HYSTERESIS = 1.1  # as ComfyUI's RAM-pressure cache: release until 10% above the headroom
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -33,45 +42,18 @@ def host_choices() -> HostChoices:
                        devices=comfy_models.clip_devices())
 
 
-def default_alias(kind: ModelKind, names: list[str], options: dict[str, str]) -> str:
-    shown = [f"{k}={v}" for k, v in sorted(options.items()) if v not in ("default", "")]
-    return f"{kind.value}:{'+'.join(names)}" + (f"[{','.join(shown)}]" if shown else "")
-
-
-def entry_alias(entry: PreloadEntry) -> str:
-    return entry.cache_key or default_alias(entry.kind, entry.file_names(), entry.load_options())
-
-
-@dataclass
-class PreloadState:
-    """What /memkit/ready and the status node report about start-up preloading."""
-
-    mode: str = "off"
-    running: bool = False
-    total: int = 0
-    done: int = 0
-    started: float | None = None
-    finished: float | None = None
-    failures: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ready(self) -> bool:
-        return not self.running
-
-
 class MemKitService:
-    """Owns the cache; loads through it; preloads the config; answers status questions."""
+    """Owns the cache; loads through it; preloads the config."""
 
     def __init__(self, config: PreloadConfig) -> None:
         self.config = config
         settings = config.settings
         budget = (int(settings.ram_budget_gb * 2**30) if settings.ram_budget_gb
                   else int(psutil.virtual_memory().total * DEFAULT_BUDGET_FRACTION))
-        self.cache = ModelCache(measure=comfy_models.tensor_bytes, budget_bytes=budget)
+        self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget)
         self.identities = FileIdentityReader(hash_contents=settings.hash_contents)
+        self.aliases = AliasRegistry(config.enabled_entries())
         self.preload = PreloadState(mode=settings.preload_mode)
-        self._preload_lock = threading.Lock()
-        self._requested: dict[tuple[ModelKind, str], tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
 
     # --- loading --------------------------------------------------------------------------
 
@@ -80,137 +62,134 @@ class MemKitService:
         for name in names:
             path = comfy_models.resolve(kind, name)
             if path is None:
-                folder = comfy_models.FOLDERS[kind]
-                raise ModelNotFoundError(f"{kind.value} {name!r} is not a file in ComfyUI's '{folder}' model folders")
+                raise ModelNotFoundError(f"{kind.value} {name!r} is not a file in ComfyUI's '{kind.folder}' "
+                                         "model folders")
             paths.append(path)
         return LoadRecipe.build(kind, paths, options, self.identities)
 
     def request(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
-                alias: str | None = None, pinned: bool = False, progress: Any = None) -> LoadOutcome:
-        """The cached value for these files and options, loading it through ComfyUI on a miss."""
+                alias: str | None = None, pinned: bool = False, use_token: object = None,
+                executing_thread: bool = False) -> LoadOutcome:
+        """The cached value for these files and options, loading it through ComfyUI on a miss.
+
+        ``executing_thread``: the caller is ComfyUI's prompt worker, so a wait for another
+        thread's load honours /interrupt and ``auto_gpu_load`` may place a new model.
+        """
         options = options or {}
         recipe = self.recipe(kind, names, options)
-        alias = alias or self._alias_for(kind, names, options)
-        self._requested[(kind, alias)] = (tuple(names), tuple(sorted(options.items())))
+        alias = alias or self.aliases.alias_for(kind, names, options)
 
-        def load() -> Any:
+        def load() -> comfy_models.LoadedValue:
             try:
                 value = comfy_models.load(kind, names, options)
             except Exception as error:
-                files = ", ".join(recipe.paths)
-                raise ModelLoadError(f"could not load {kind.value} from {files}: {error}") from error
-            if value is None or (isinstance(value, tuple) and value[0] is None):
+                raise ModelLoadError(f"could not load {kind.value} {alias} from {', '.join(recipe.paths)}: "
+                                     f"{error}") from error
+            if comfy_models.is_empty(value):
                 raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths)}")
-            if self.config.settings.auto_gpu_load:
-                comfy_models.load_to_gpu(value)
             return value
 
-        outcome = self.cache.get_or_load(recipe, load, alias=alias, pinned=pinned)
-        outcome.entry.device = comfy_models.device_of(outcome.value)
+        try:
+            outcome = self.cache.get_or_load(recipe, load, alias=alias, pinned=pinned, use_token=use_token,
+                                             interrupted=comfy_models.interrupted if executing_thread else None)
+        except LoadWaitInterruptedError as stopped:
+            log.warning("[memkit] interrupted: %s", stopped)
+            comfy_models.raise_interrupt()
+        self.aliases.remember(kind, alias, names, options)
+        if executing_thread and not outcome.hit and self.config.settings.auto_gpu_load:
+            comfy_models.place_on_device(outcome.value)
         if self.config.settings.verbose:
             log.info("[memkit] %s %s", "hit" if outcome.hit else "loaded", alias)
-        if progress is not None:
-            progress.update(1)
         return outcome
 
-    def _alias_for(self, kind: ModelKind, names: list[str], options: dict[str, str]) -> str:
-        """A configured cache_key when a config entry describes this load, else a readable name."""
-        for entry in self.config.enabled_entries():
-            if entry.kind is kind and entry.file_names() == names and entry.load_options() == options:
-                return entry_alias(entry)
-        return default_alias(kind, names, options)
+    def checkout(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
+                 use_token: object = None) -> tuple[Any, ...]:
+        """What a loader node returns (executing thread): clones of the cached parts."""
+        outcome = self.request(kind, names, options, use_token=use_token, executing_thread=True)
+        return comfy_models.clone(outcome.value)
 
-    def checkout(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None,
-                 progress: Any = None) -> Any:
-        """What a loader node returns: a clone of the cached value."""
-        return comfy_models.clone(self.request(kind, names, options, progress=progress).value)
-
-    def checkout_alias(self, kind: ModelKind, alias: str, progress: Any = None) -> Any:
+    def checkout_alias(self, kind: ModelKind, alias: str, *, use_token: object = None) -> tuple[Any, ...]:
         """What a selector returns for a cache key; loads a known entry that is not cached (yet)."""
-        known = self.known_requests(kind)
-        if alias not in known:
-            raise KeyError(f"no {kind.value} entry named {alias!r}; available: {', '.join(sorted(known)) or 'none'}")
-        names, options, pinned = known[alias]
-        value = self.request(kind, names, options, alias=alias, pinned=pinned, progress=progress).value
-        self.preload.failures.pop(alias, None)
-        return comfy_models.clone(value)
+        known = self.aliases.lookup(kind, alias)
+        outcome = self.request(kind, list(known.names), dict(known.options), alias=alias, pinned=known.pinned,
+                               use_token=use_token, executing_thread=True)
+        self.preload.clear_failure(alias)
+        return comfy_models.clone(outcome.value)
 
-    def known_requests(self, kind: ModelKind) -> dict[str, tuple[list[str], dict[str, str], bool]]:
-        """Cache keys a selector can offer: the config's entries, then whatever was loaded since."""
-        known = {alias: (list(names), dict(options), False)
-                 for (k, alias), (names, options) in self._requested.items() if k is kind}
-        for alias, entry in self.configured(kind).items():
-            known[alias] = (entry.file_names(), entry.load_options(), entry.pinned)
-        return known
+    def fingerprint(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
+                    use_token: object = None) -> str:
+        """The recipe key (it changes when a file changes on disk, so ComfyUI re-runs the loader).
 
-    def configured(self, kind: ModelKind) -> dict[str, PreloadEntry]:
-        return {entry_alias(e): e for e in self.config.enabled_entries() if e.kind is kind}
-
-    def fingerprint(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> str:
-        """Changes when a file changes on disk, so ComfyUI's output cache re-runs the loader."""
+        ComfyUI asks for it once per prompt even when its own output cache answers the node, so
+        this is also where a prompt's use of the entry is counted for the LRU.
+        """
         try:
-            return self.recipe(kind, names, options or {}).key
+            key = self.recipe(kind, names, options or {}).key
         except (ModelNotFoundError, OSError) as error:
             return f"missing:{error}"
+        self.cache.touch(key, use_token)
+        return key
+
+    def alias_fingerprint(self, kind: ModelKind, alias: str, *, use_token: object = None) -> str:
+        known = self.aliases.known(kind).get(alias)
+        if known is None:
+            return f"unknown:{alias}"
+        return self.fingerprint(kind, list(known.names), dict(known.options), use_token=use_token)
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def relieve_ram_pressure(self, headroom_gb: float) -> list[str]:
+        """Under ComfyUI's RAM-pressure caching (``--cache-ram``), release unpinned entries as it
+        releases its own outputs: least recently used first, until free RAM is above the headroom."""
+        def available_gb() -> float:
+            return psutil.virtual_memory().available / 2**30
+
+        if headroom_gb <= 0 or available_gb() > headroom_gb:
+            return []
+        released = self.cache.release_unpinned(lambda: available_gb() > headroom_gb * RAM_PRESSURE_HYSTERESIS)
+        if released:
+            gc.collect()
+            log.info("[memkit] RAM below ComfyUI's %.1f GB headroom: released %s", headroom_gb, ", ".join(released))
+        return released
 
     # --- preloading -----------------------------------------------------------------------
 
-    def start_preload(self, entries: list[PreloadEntry] | None = None, blocking: bool | None = None) -> bool:
-        """Preload entries in order; returns False when a preload is already running."""
-        entries = self.config.enabled_entries() if entries is None else entries
-        with self._preload_lock:
-            if self.preload.running:
-                return False
-            self.preload = PreloadState(mode=self.preload.mode, running=True, total=len(entries),
-                                        started=time.time())
-        blocking = self.config.settings.preload_mode == "blocking" if blocking is None else blocking
-        if blocking:
-            self._preload_all(entries)
-        else:
-            threading.Thread(target=self._preload_all, args=(entries,), name="memkit-preload", daemon=True).start()
-        return True
+    def entries_for(self, aliases: list[str] | None) -> list[PreloadEntry]:
+        """Enabled config entries by cache key (all of them for None); unknown keys are a ValueError."""
+        entries = self.config.enabled_entries()
+        if aliases is None:
+            return entries
+        by_alias = {entry_alias(e): e for e in entries}
+        unknown = [a for a in aliases if a not in by_alias]
+        if unknown:
+            raise ValueError(f"unknown cache key(s) {', '.join(map(repr, unknown))}; configured: "
+                             f"{', '.join(by_alias) or 'none'}")
+        return [by_alias[a] for a in aliases]
 
-    def _preload_all(self, entries: list[PreloadEntry]) -> None:
-        state = self.preload
-        log.info("[memkit] preloading %d model(s) from %s", len(entries), self.config.path)
+    def preload_entries(self, entries: list[PreloadEntry], *, executing_thread: bool,
+                        on_entry: Callable[[str, str | None], None] | None = None) -> dict[str, str]:
+        """Load entries in order on this thread; one failure never stops the others.
+
+        On the executing thread with ``auto_gpu_load``, every entry is also placed on its device
+        (entries loaded by a blocking preload are placed here, once ComfyUI runs).
+        Returns the failures by cache key.
+        """
+        failures: dict[str, str] = {}
         for entry in entries:
             alias = entry_alias(entry)
+            error = None
             try:
-                self.request(entry.kind, entry.file_names(), entry.load_options(), alias=alias, pinned=entry.pinned)
-            except Exception as error:  # one bad entry must not stop the others
-                state.failures[alias] = str(error)
+                outcome = self.request(entry.kind, entry.file_names(), entry.load_options(), alias=alias,
+                                       pinned=entry.pinned, executing_thread=executing_thread)
+                if executing_thread and outcome.hit and self.config.settings.auto_gpu_load:
+                    comfy_models.place_on_device(outcome.value)  # a miss was placed by request()
+            except Exception as failure:  # one bad entry must not stop the others
+                error = str(failure)
+                failures[alias] = error
                 log.error("[memkit] %s: preloading %s failed: %s", self.config.path, alias, error)
-            state.done += 1
-        state.finished = time.time()
-        state.running = False
-        log.info("[memkit] preload finished: %d ok, %d failed, %.1f s", state.done - len(state.failures),
-                 len(state.failures), state.finished - (state.started or state.finished))
-
-    # --- reporting ------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        entries = [
-            {
-                "cache_key": e.alias, "kind": e.recipe.kind.value, "key": e.key,
-                "files": list(e.recipe.paths), "options": dict(e.recipe.options), "bytes": e.nbytes,
-                "device": e.device, "hits": e.hits, "load_seconds": round(e.load_seconds, 3),
-                "pinned": e.pinned, "state": "ready",
-            }
-            for e in self.cache.entries()
-        ]
-        entries += [{"cache_key": alias, "state": "loading"} for alias in self.cache.loading()]
-        entries += [{"cache_key": alias, "state": "failed", "error": error}
-                    for alias, error in self.preload.failures.items()]
-        return {
-            "entries": entries,
-            "totals": {"entries": len(self.cache.entries()), "bytes": self.cache.used_bytes,
-                       "budget_bytes": self.cache.budget_bytes, "loads": self.cache.loads,
-                       "evictions": self.cache.evictions},
-            "preload": {"mode": self.preload.mode, "ready": self.preload.ready, "total": self.preload.total,
-                        "done": self.preload.done, "failed": len(self.preload.failures)},
-            "config": {"path": str(self.config.path) if self.config.path else None,
-                       "problems": list(self.config.problems)},
-        }
+            if on_entry is not None:
+                on_entry(alias, error)
+        return failures
 
 
 _service: MemKitService | None = None

@@ -7,18 +7,24 @@ from typing import Any
 
 from comfy_api.latest import io, ui
 
+from ..model_cache import comfy_models
 from ..model_cache.service import get_service
+from ..model_cache.status import build_status
 
 CATEGORY = "memkit/cache"
-COLUMNS = ("cache_key", "kind", "file", "options", "MB", "device", "hits", "load s", "pinned", "state")
+COLUMNS = ("cache_key", "kind", "file", "options", "RAM MB", "VRAM MB", "device", "hits", "uses", "load s", "pinned",
+           "state")
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
     files = ", ".join(f.rsplit("/", 1)[-1] for f in entry.get("files", [])) or "-"
     options = ", ".join(f"{k}={v}" for k, v in entry.get("options", {}).items()) or "-"
-    megabytes = f"{entry['bytes'] / 2**20:.1f}" if "bytes" in entry else "-"
-    return (entry["cache_key"], entry.get("kind", "-"), files, options, megabytes, entry.get("device", "-"),
-            str(entry.get("hits", "-")), str(entry.get("load_seconds", "-")), str(entry.get("pinned", "-")),
+    def megabytes(field: str) -> str:
+        return f"{entry[field] / 2**20:.1f}" if field in entry else "-"
+
+    return (entry["cache_key"], entry.get("kind", "-"), files, options, megabytes("ram_bytes"), megabytes("vram_bytes"),
+            entry.get("device", "-"), str(entry.get("hits", "-")), str(entry.get("uses", "-")),
+            str(entry.get("load_seconds", "-")), str(entry.get("pinned", "-")),
             entry["state"] + (f": {entry['error']}" if "error" in entry else ""))
 
 
@@ -31,8 +37,11 @@ def format_table(status: dict[str, Any]) -> str:
     totals, preload = status["totals"], status["preload"]
     budget = totals["budget_bytes"]
     lines.append("")
-    lines.append(f"{totals['entries']} cached, {totals['bytes'] / 2**30:.2f} GB"
+    lines.append(f"{totals['entries']} cached, {totals['ram_bytes'] / 2**30:.2f} GB RAM"
                  + (f" of {budget / 2**30:.1f} GB budget" if budget else "")
+                 + f", {totals['vram_bytes'] / 2**30:.2f} GB VRAM"
+                 + (f", {totals['evicted_held_ram_bytes'] / 2**30:.2f} GB held by evicted entries"
+                    if totals["evicted_held_ram_bytes"] else "")
                  + f"; loads {totals['loads']}, evictions {totals['evictions']}; preload {preload['mode']}: "
                  + f"{preload['done']}/{preload['total']} done, {preload['failed']} failed")
     return "\n".join(lines)
@@ -58,7 +67,7 @@ class MemKitCacheInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
-        table = format_table(get_service().status())
+        table = format_table(build_status(get_service()))
         return io.NodeOutput(table, ui=ui.PreviewText(table))
 
 
@@ -85,13 +94,14 @@ class MemKitCacheStatus(io.ComfyNode):
         service = get_service()
         found = service.cache.find(name.strip())
         if found:
-            detail = "\n".join(f"{e.alias}: {e.recipe.kind.value}, {e.nbytes / 2**20:.1f} MB on {e.device}, "
-                               f"{e.hits} hits, loaded in {e.load_seconds:.2f} s, "
+            detail = "\n".join(f"{e.alias}: {e.recipe.kind.value}, {e.footprint.ram / 2**20:.1f} MB RAM, "
+                               f"{e.footprint.vram / 2**20:.1f} MB VRAM on {comfy_models.devices(e.value)}, "
+                               f"{e.hits} hits, {e.uses} uses, loaded in {e.load_seconds:.2f} s, "
                                f"{'pinned' if e.pinned else 'unpinned'}" for e in found)
         elif name.strip() in service.cache.loading():
             detail = f"{name}: loading"
-        elif name.strip() in service.preload.failures:
-            detail = f"{name}: failed: {service.preload.failures[name.strip()]}"
+        elif name.strip() in (failures := service.preload.snapshot().failures):
+            detail = f"{name}: failed: {failures[name.strip()]}"
         else:
             detail = f"{name!r} is not cached"
         return io.NodeOutput(bool(found), detail, ui=ui.PreviewText(detail))

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import comfy.utils
 from comfy_api.latest import io
 
 from ..model_cache import comfy_models
 from ..model_cache.recipe import ModelKind
-from ..model_cache.service import get_service
+from ..model_cache.service import MemKitService, get_service
+from .comfy_runtime import prompt_token, ram_headroom_gb
 
 CATEGORY = "memkit/loaders"
-NONE = "none"
+NONE = comfy_models.NONE_NAME
 
 
-def _progress() -> comfy.utils.ProgressBar:
-    return comfy.utils.ProgressBar(1)
+def hand_out(take: Callable[[MemKitService, object], tuple]) -> tuple:
+    """A loader's or selector's body on the executing thread: honour ComfyUI's RAM pressure, take
+    clones from the cache (counted as this prompt's use), show progress."""
+    service = get_service()
+    service.relieve_ram_pressure(ram_headroom_gb())
+    bar = comfy.utils.ProgressBar(1)
+    parts = take(service, prompt_token())
+    bar.update(1)
+    return parts
+
+
+def checkout(kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> tuple:
+    return hand_out(lambda service, token: service.checkout(kind, names, options, use_token=token))
+
+
+def fingerprint(kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> str:
+    return get_service().fingerprint(kind, names, options, use_token=prompt_token())
 
 
 class MemKitCheckpointLoader(io.ComfyNode):
@@ -35,12 +53,11 @@ class MemKitCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, ckpt_name: str) -> str:
-        return get_service().fingerprint(ModelKind.CHECKPOINT, [ckpt_name])
+        return fingerprint(ModelKind.CHECKPOINT, [ckpt_name])
 
     @classmethod
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
-        model, clip, vae = get_service().checkout(ModelKind.CHECKPOINT, [ckpt_name], progress=_progress())
-        return io.NodeOutput(model, clip, vae)
+        return io.NodeOutput(*checkout(ModelKind.CHECKPOINT, [ckpt_name]))
 
 
 class MemKitTextEncoderLoader(io.ComfyNode):
@@ -74,16 +91,14 @@ class MemKitTextEncoderLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
                            device: str = "default") -> str:
-        return get_service().fingerprint(ModelKind.TEXT_ENCODER, cls._names(clip_name1, clip_name2, clip_name3),
-                                         {"type": type, "device": device})
+        return fingerprint(ModelKind.TEXT_ENCODER, cls._names(clip_name1, clip_name2, clip_name3),
+                           {"type": type, "device": device})
 
     @classmethod
     def execute(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
                 device: str = "default") -> io.NodeOutput:
         names = cls._names(clip_name1, clip_name2, clip_name3)
-        clip = get_service().checkout(ModelKind.TEXT_ENCODER, names, {"type": type, "device": device},
-                                      progress=_progress())
-        return io.NodeOutput(clip)
+        return io.NodeOutput(*checkout(ModelKind.TEXT_ENCODER, names, {"type": type, "device": device}))
 
 
 class MemKitDiffusionModelLoader(io.ComfyNode):
@@ -105,13 +120,11 @@ class MemKitDiffusionModelLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, unet_name: str, weight_dtype: str) -> str:
-        return get_service().fingerprint(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
+        return fingerprint(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
 
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
-        model = get_service().checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype},
-                                       progress=_progress())
-        return io.NodeOutput(model)
+        return io.NodeOutput(*checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype}))
 
 
 class MemKitVAELoader(io.ComfyNode):
@@ -129,14 +142,14 @@ class MemKitVAELoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, vae_name: str) -> str:
-        return get_service().fingerprint(ModelKind.VAE, [vae_name])
+        return fingerprint(ModelKind.VAE, [vae_name])
 
     @classmethod
     def execute(cls, vae_name: str) -> io.NodeOutput:
         if comfy_models.resolve(ModelKind.VAE, vae_name) is None:
             # taesd/pixel_space are assembled from several files by ComfyUI; not worth caching.
-            return io.NodeOutput(comfy_models.load(ModelKind.VAE, [vae_name], {}))
-        return io.NodeOutput(get_service().checkout(ModelKind.VAE, [vae_name], progress=_progress()))
+            return io.NodeOutput(*comfy_models.call_node("VAELoader", vae_name=vae_name)[:1])
+        return io.NodeOutput(*checkout(ModelKind.VAE, [vae_name]))
 
 
 NODES = [MemKitCheckpointLoader, MemKitTextEncoderLoader, MemKitDiffusionModelLoader, MemKitVAELoader]

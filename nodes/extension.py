@@ -1,35 +1,103 @@
-"""The V3 extension ComfyUI gets from ``comfy_entrypoint``: nodes, routes, start-up preload."""
+"""The V3 extension ComfyUI gets from ``comfy_entrypoint``: nodes, routes, start-up preload.
+
+One broken part never hides the package: each node module and the routes are set up on their
+own; one that fails (e.g. a ComfyUI version whose API differs) is left out with one log line
+naming it, and everything else still registers.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import uuid
+from types import ModuleType
 
 from comfy_api.latest import ComfyExtension, io
 
-from ..model_cache.service import get_service
-from . import cache_info, cached_loaders, http_api, selectors, tiled_decode
+from ..model_cache import comfy_models
+from ..model_cache.aliases import entry_alias
+from ..model_cache.service import MemKitService, get_service
 
 log = logging.getLogger("memkit")
+
+NODE_MODULES = ("cached_loaders", "selectors", "cache_info", "preload", "tiled_decode")
+
+
+def _import_node_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except Exception as error:
+        log.error("[memkit] nodes/%s.py could not be loaded on ComfyUI %s, its nodes are left out: %s: %s",
+                  name, comfy_models.comfy_version(), type(error).__name__, error)
+        return None
+
+
+def _node_list(name: str, module: ModuleType) -> list[type[io.ComfyNode]]:
+    """The module's nodes whose schema this ComfyUI accepts (one line per node it does not)."""
+    usable = []
+    for node in module.NODES:
+        try:
+            node.GET_SCHEMA()
+        except Exception as error:
+            log.error("[memkit] node %s (nodes/%s.py) is left out on ComfyUI %s: %s: %s", node.__name__, name,
+                      comfy_models.comfy_version(), type(error).__name__, error)
+            continue
+        usable.append(node)
+    return usable
 
 
 def _attach_to_server() -> None:
     try:
         from server import PromptServer
-    except ImportError:  # ComfyUI used as a library, without its server
+
+        from . import http_api
+    except Exception as error:
+        log.error("[memkit] HTTP routes left out: %s: %s", type(error).__name__, error)
         return
-    if getattr(PromptServer, "instance", None) is None:
+    if getattr(PromptServer, "instance", None) is None:  # ComfyUI used as a library, without its server
         return
-    http_api.install(PromptServer.instance)
+    try:
+        http_api.install(PromptServer.instance)
+    except Exception as error:
+        log.error("[memkit] HTTP routes left out on ComfyUI %s: %s: %s", comfy_models.comfy_version(),
+                  type(error).__name__, error)
+
+
+def start_preload(service: MemKitService) -> None:
+    """Preload as configured. ``blocking`` loads here, before ComfyUI starts its prompt worker (so
+    nothing runs beside it) and returns when done; ``background`` reads files on a thread and
+    queues the build on ComfyUI's queue. GPU placement always happens on the executing thread."""
+    from .preload_queue import queue_preload, start_background_preload
+
+    entries = service.config.enabled_entries()
+    mode = service.config.settings.preload_mode
+    if mode == "off" or not entries:
+        return
+    if mode == "background":
+        start_background_preload(service, entries)
+        return
+    run_id = uuid.uuid4().hex
+    service.preload.begin(len(entries), "loading", run_id=run_id)
+    failures = service.preload_entries(entries, executing_thread=False, on_entry=service.preload.entry_done)
+    if service.config.settings.auto_gpu_load:
+        loaded = [e for e in entries if entry_alias(e) not in failures]
+        queue_preload(service, loaded, run_id, read_files=False)  # placement on the executing thread
+    else:
+        service.preload.finish()
 
 
 class MemKitExtension(ComfyExtension):
     def __init__(self) -> None:
         _attach_to_server()
-        service = get_service()
-        if service.config.settings.preload_mode != "off":
-            # "blocking" returns only when every entry is loaded: ComfyUI then starts with them
-            # in memory (what a memory snapshot wants); "background" serves at once.
-            service.start_preload()
+        try:
+            start_preload(get_service())
+        except Exception as error:  # the nodes still register; status shows the problem
+            log.exception("[memkit] start-up preload could not start: %s", error)
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*cached_loaders.NODES, *selectors.NODES, *cache_info.NODES, *tiled_decode.NODES]
+        found: list[type[io.ComfyNode]] = []
+        for name in NODE_MODULES:
+            module = _import_node_module(name)
+            if module is not None:
+                found += _node_list(name, module)
+        return found

@@ -14,7 +14,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..model_cache.config import check_model_name
-from ..model_cache.service import MemKitService, entry_alias, get_service
+from ..model_cache.service import MemKitService, get_service
+from ..model_cache.status import build_status
+from .preload_queue import start_background_preload
 
 log = logging.getLogger("memkit.http")
 
@@ -61,20 +63,21 @@ async def _parse(request: web.Request, model: type[_Body]) -> _Body | web.Respon
 
 
 def _ready_payload(service: MemKitService) -> dict[str, Any]:
-    state = service.preload
-    return {"ready": state.ready, "mode": state.mode, "done": state.done, "total": state.total,
-            "failed": sorted(state.failures)}
+    state = service.preload.snapshot()
+    return {"ready": state.ready, "mode": state.mode, "phase": state.phase, "done": state.done,
+            "total": state.total, "failed": sorted(state.failures)}
 
 
 def register_routes(routes: web.RouteTableDef) -> None:
     @routes.get("/memkit/status")
     async def memkit_status(_request: web.Request) -> web.Response:
-        return web.json_response(get_service().status())
+        return web.json_response(build_status(get_service()))
 
     @routes.get("/memkit/ready")
     async def memkit_ready(_request: web.Request) -> web.Response:
         service = get_service()
-        return web.json_response(_ready_payload(service), status=200 if service.preload.ready else 503)
+        payload = _ready_payload(service)
+        return web.json_response(payload, status=200 if payload["ready"] else 503)
 
     @routes.post("/memkit/preload")
     async def memkit_preload(request: web.Request) -> web.Response:
@@ -82,21 +85,16 @@ def register_routes(routes: web.RouteTableDef) -> None:
         if isinstance(body, web.Response):
             return body
         service = get_service()
-        entries = service.config.enabled_entries()
-        if body.cache_keys is not None:
-            by_alias = {entry_alias(e): e for e in entries}
-            unknown = [k for k in body.cache_keys if k not in by_alias]
-            if unknown:
-                return _error(400, f"field 'cache_keys': unknown {', '.join(map(repr, unknown))}; "
-                                   f"configured: {', '.join(sorted(by_alias)) or 'none'}")
-            entries = [by_alias[k] for k in body.cache_keys]
-        if not service.start_preload(entries, blocking=False):
+        try:
+            entries = service.entries_for(body.cache_keys)
+        except ValueError as error:
+            return _error(400, f"field 'cache_keys': {error}")
+        if not start_background_preload(service, entries):
             return _error(409, "a preload is already running; poll /memkit/ready")
-        if body.wait:
-            while not service.preload.ready:
-                await asyncio.sleep(0.2)
-        status = 200 if service.preload.ready else 202
-        return web.json_response(_ready_payload(service), status=status)
+        while body.wait and not service.preload.snapshot().ready:
+            await asyncio.sleep(0.2)
+        payload = _ready_payload(service)
+        return web.json_response(payload, status=200 if payload["ready"] else 202)
 
     @routes.post("/memkit/evict")
     async def memkit_evict(request: web.Request) -> web.Response:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import comfy.utils
 from comfy_api.latest import io
 
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
+from .cached_loaders import hand_out
+from .comfy_runtime import prompt_token
 
 CATEGORY = "memkit/preloaded"
 NO_ENTRIES = "(no preloaded entries)"
 
 
 def _keys(kind: ModelKind) -> list[str]:
-    return sorted(get_service().known_requests(kind)) or [NO_ENTRIES]
+    return list(get_service().aliases.known(kind)) or [NO_ENTRIES]
 
 
 def _selector(kind: ModelKind, node_id: str, display: str, outputs: list[io.Output]) -> type[io.ComfyNode]:
@@ -34,17 +35,12 @@ def _selector(kind: ModelKind, node_id: str, display: str, outputs: list[io.Outp
 
         @classmethod
         def fingerprint_inputs(cls, cache_key: str) -> str:
-            service = get_service()
-            known = service.known_requests(kind).get(cache_key)
-            if known is None:
-                return f"unknown:{cache_key}"
-            names, options, _ = known
-            return service.fingerprint(kind, names, options)
+            return get_service().alias_fingerprint(kind, cache_key, use_token=prompt_token())
 
         @classmethod
         def execute(cls, cache_key: str) -> io.NodeOutput:
-            value = get_service().checkout_alias(kind, cache_key, progress=comfy.utils.ProgressBar(1))
-            return io.NodeOutput(*value) if isinstance(value, tuple) else io.NodeOutput(value)
+            return io.NodeOutput(*hand_out(lambda service, token: service.checkout_alias(kind, cache_key,
+                                                                                        use_token=token)))
 
     Selector.__name__ = Selector.__qualname__ = node_id
     return Selector

@@ -12,6 +12,8 @@ from support.comfy_server import ComfyServer
 
 put_comfy_first_on_path()  # for comfy_execution.graph_utils.GraphBuilder
 
+NODE_PACK = Path(__file__).resolve().parent / "node_pack"  # test-only nodes (MemKitTestPatchInPlace)
+
 
 def write_config(path: Path, models: dict, **settings) -> Path:
     path.write_text(json.dumps({"version": 1, "settings": settings, "models": models}, indent=2))
@@ -22,10 +24,12 @@ def write_config(path: Path, models: dict, **settings) -> Path:
 def start_server(tmp_path_factory):
     servers = []
 
-    def start(config_models: dict | None, extra_args: list[str] | None = None, **settings) -> ComfyServer:
+    def start(config_models: dict | None, extra_args: list[str] | None = None, config_file: Path | None = None,
+              **settings) -> ComfyServer:
         base = tmp_path_factory.mktemp("comfy")
         config = write_config(base / "preload_config.json", config_models, **settings) if config_models else None
-        server = ComfyServer(base, Path(os.environ["MEMKIT_MODELS"]), config, extra_args)
+        server = ComfyServer(base, Path(os.environ["MEMKIT_MODELS"]), config_file or config, extra_args,
+                             node_packs=[NODE_PACK])
         servers.append(server)
         return server.start()
 

@@ -1,4 +1,8 @@
-"""The cache through a running ComfyUI: preload, /memkit routes, prompts on /prompt, LoRA isolation."""
+"""The cache through a running ComfyUI: preload, /memkit routes, prompts on /prompt, LoRA isolation.
+
+The server runs the documented design example's settings: background preload with
+``auto_gpu_load: true``, every kind of entry.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ pytestmark = pytest.mark.e2e
 SD15 = "memkit-sd15.safetensors"
 NODE_IDS = ["MemKitCheckpointLoader", "MemKitTextEncoderLoader", "MemKitDiffusionModelLoader", "MemKitVAELoader",
             "MemKitCheckpointSelector", "MemKitTextEncoderSelector", "MemKitDiffusionModelSelector",
-            "MemKitVAESelector", "MemKitCacheInfo", "MemKitCacheStatus"]
+            "MemKitVAESelector", "MemKitCacheInfo", "MemKitCacheStatus", "MemKitPreload", "MemKitTiledVAEDecode"]
 CONFIG = {
     "checkpoints": [{"name": SD15, "cache_key": "e2e-sd15"}],
     "text_encoders": [{"clip_names": ["memkit-clip-l.safetensors"], "type": "stable_diffusion"}],
@@ -24,7 +28,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    server = start_server(CONFIG, preload_mode="background")
+    server = start_server(CONFIG, preload_mode="background", auto_gpu_load=True)
     server.ready_statuses = server.wait_ready()
     return server
 
@@ -33,7 +37,7 @@ def entries(server) -> dict[str, dict]:
     return {e["cache_key"]: e for e in server.get("/memkit/status")["entries"]}
 
 
-def sd15_image_prompt(loader: str, lora: bool = False, seed: int = 7) -> dict:
+def sd15_image_prompt(loader: str, lora: bool = False, seed: int = 7, patch_in_place: bool = False) -> dict:
     graph = GraphBuilder()
     if loader == "selector":
         ckpt = graph.node("MemKitCheckpointSelector", cache_key="e2e-sd15")
@@ -46,6 +50,10 @@ def sd15_image_prompt(loader: str, lora: bool = False, seed: int = 7) -> dict:
         patched = graph.node("LoraLoader", model=model, clip=clip, lora_name="memkit-sd15-lora.safetensors",
                              strength_model=1.0, strength_clip=1.0)
         model, clip = patched.out(0), patched.out(1)
+    if patch_in_place:
+        patched = graph.node("MemKitTestPatchInPlace", model=model, clip=clip)
+        model, clip = patched.out(0), patched.out(1)
+        graph.node("PreviewAny", source=patched.out(2))
     positive = graph.node("CLIPTextEncode", clip=clip, text="a lighthouse at dusk")
     negative = graph.node("CLIPTextEncode", clip=clip, text="")
     latent = graph.node("EmptyLatentImage", width=64, height=64, batch_size=1)
@@ -53,7 +61,7 @@ def sd15_image_prompt(loader: str, lora: bool = False, seed: int = 7) -> dict:
                          latent_image=latent.out(0), seed=seed, steps=2, cfg=5.0, sampler_name="euler",
                          scheduler="normal", denoise=1.0)
     decoded = graph.node("VAEDecode", samples=sampled.out(0), vae=ckpt.out(2))
-    graph.node("SaveImage", images=decoded.out(0), filename_prefix=f"e2e_{loader}_{int(lora)}")
+    graph.node("SaveImage", images=decoded.out(0), filename_prefix=f"e2e_{loader}_{int(lora)}_{int(patch_in_place)}")
     return graph.finalize()
 
 
@@ -93,8 +101,13 @@ def test_background_preload_reports_ready_and_names_the_failed_entry(server):
     assert states["e2e-missing"] == "failed"
     failed = next(e for e in status["entries"] if e["cache_key"] == "e2e-missing")
     assert "missing-vae.safetensors" in failed["error"]
-    assert status["preload"] == {"mode": "background", "ready": True, "total": 5, "done": 5, "failed": 1}
+    assert status["preload"] == {"mode": "background", "phase": "done", "ready": True, "total": 5, "done": 5,
+                                 "failed": 1}
     assert "preloading e2e-missing failed" in server.log()
+    assert "model_patches_models" not in server.log()
+    ready = [e for e in status["entries"] if e["state"] == "ready"]
+    assert len(ready) == 4
+    assert all(e["ram_bytes"] + e["vram_bytes"] > 0 for e in ready)
 
 
 def test_a_prompt_hits_the_preloaded_checkpoint_without_loading(server):
@@ -113,6 +126,23 @@ def test_a_lora_on_the_cached_model_never_reaches_the_next_prompt(server):
     fresh = saved_pixels(server, server.run_prompt(sd15_image_prompt("core")))
     assert np.abs(with_lora - without).max() > 10, "the LoRA must visibly change the image"
     assert np.array_equal(without, fresh), "after the LoRA prompt, the cached model gives a fresh load's image"
+
+
+@pytest.mark.slow
+def test_a_node_that_patches_in_place_never_changes_what_the_next_prompt_gets(server):
+    """MemKitTestPatchInPlace adds weight patches and a model_options change to the very objects
+    it is given. The next prompt takes the checkpoint through the selector (a node ComfyUI has not
+    cached), so it gets whatever MemKit hands out now: it must be the unpatched model."""
+    outputs = server.run_prompt(sd15_image_prompt("memkit", patch_in_place=True))
+    patched = saved_pixels(server, outputs)
+    assert ["memkit handed out: clone"] in [o["text"] for o in outputs.values() if "text" in o]
+    after = saved_pixels(server, server.run_prompt(sd15_image_prompt("selector", seed=7)))
+    fresh = saved_pixels(server, server.run_prompt(sd15_image_prompt("core")))
+    assert np.abs(patched - fresh).max() > 10, "the in-place patch must visibly change the image"
+    assert np.array_equal(after, fresh), "the next prompt must get the unpatched model"
+    loads = server.get("/memkit/status")["totals"]["loads"]
+    assert entries(server)["e2e-sd15"]["state"] == "ready"
+    assert loads == server.get("/memkit/status")["totals"]["loads"]
 
 
 def test_cache_info_node_shows_the_table(server):
@@ -138,7 +168,7 @@ def test_cache_info_node_shows_the_table(server):
     ("/memkit/evict", {"name": "never-loaded.safetensors"}, 404, "nothing cached under"),
     ("/memkit/evict", [1, 2], 400, "must be a JSON object"),
     ("/memkit/clear", {"include_pinned": "yes"}, 400, "field 'include_pinned'"),
-    ("/memkit/preload", {"cache_keys": ["nope"]}, 400, "unknown 'nope'; configured:"),
+    ("/memkit/preload", {"cache_keys": ["nope"]}, 400, "field 'cache_keys': unknown cache key(s) 'nope'; configured:"),
     ("/memkit/preload", {"cache_keys": "e2e-sd15"}, 400, "field 'cache_keys'"),
     ("/memkit/preload", {"wait": 1}, 400, "field 'wait'"),
 ])

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from support.latents import structured_latent
+from support.latents import write_latent_input
 from support.metrics import psnr
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -20,11 +19,7 @@ TILES = {"tile_x": 128, "tile_y": 128, "tile_stride_x": 96, "tile_stride_y": 96,
 @pytest.fixture(scope="module")
 def server(start_server):
     server = start_server(None)
-    inputs = server.base / "input"
-    inputs.mkdir(exist_ok=True)
-    # latent_format_version_0 marks it as a latent LoadLatent must not rescale
-    save_file({"latent_tensor": structured_latent((1, 4, 24, 32), 7), "latent_format_version_0": torch.tensor([])},
-              str(inputs / LATENT_FILE))
+    write_latent_input(server.base / "input", LATENT_FILE, (1, 4, 24, 32), 7)
     return server
 
 

@@ -13,13 +13,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-DEMO_CONFIG = json.loads((REPO / "scripts" / "demo_preload_config.json").read_text())
+DEMO_CONFIG = REPO / "scripts" / "demo_preload_config.json"
 
 
 @pytest.fixture(scope="module")
 def demo_server(start_server):
-    server = start_server(DEMO_CONFIG["models"], preload_mode="blocking")
-    assert server.request("GET", "/memkit/ready")[0] == 200, "blocking preload: ready as soon as ComfyUI serves"
+    """As `make run` starts it: the demo config, verbatim (background preload)."""
+    server = start_server(None, config_file=DEMO_CONFIG)
+    server.wait_ready()
+    assert server.get("/memkit/status")["preload"]["failed"] == 0
     return server
 
 

@@ -78,7 +78,7 @@ def test_clone_isolates_patches_from_the_cached_model(comfy_host, make_service):
     assert second.patches == {}
     assert "marker" not in second.model_options.get("transformer_options", {})
     (entry,) = service.cache.entries()
-    assert entry.value.patches == {}
+    assert entry.value.parts[0].patches == {}
 
 
 def test_single_text_encoder_matches_cliploader(comfy_host, make_service):
@@ -115,10 +115,10 @@ def test_alternating_two_checkpoints_never_reloads(comfy_host, make_service):
 
 
 def test_budget_evicts_the_least_recently_used_model(comfy_host, make_service):
-    from comfyui_memkit.model_cache.comfy_models import tensor_bytes
+    from comfyui_memkit.model_cache.comfy_models import footprint
 
     probe = make_service()
-    one = tensor_bytes(probe.checkout(ModelKind.CHECKPOINT, ["memkit-wan-tiny-a.safetensors"]))
+    one = footprint(probe.request(ModelKind.CHECKPOINT, ["memkit-wan-tiny-a.safetensors"]).value).ram
     service = make_service(ram_budget_gb=1.5 * one / 2**30)
     a, b = "memkit-wan-tiny-a.safetensors", "memkit-wan-tiny-b.safetensors"
     service.checkout(ModelKind.CHECKPOINT, [a])
@@ -198,17 +198,88 @@ def test_a_selector_with_an_unknown_key_lists_the_keys_that_exist(comfy_host, ma
 
     make_service(entries=[VAEEntry(vae_name=SD_VAE, cache_key="my-vae")])
     _, selectors = _nodes()
-    with pytest.raises(KeyError, match="no vae entry named 'other'; available: my-vae"):
+    with pytest.raises(ValueError, match=r"^There is no vae with cache key 'other'\. Cache keys that exist: my-vae\.$"):
         selectors.MemKitVAESelector.execute("other")
     vae = selectors.MemKitVAESelector.execute("my-vae").result[0]
     assert torch.isfinite(_decode(vae)).all()
 
 
-def test_auto_gpu_load_hands_the_model_to_comfyui_model_management(comfy_host, make_service):
+SD15 = "memkit-sd15.safetensors"
+KIND_CASES = {
+    "checkpoint": (ModelKind.CHECKPOINT, [SD15], {}),
+    "one text encoder": (ModelKind.TEXT_ENCODER, [CLIP_L], {"type": "stable_diffusion", "device": "default"}),
+    "one text encoder on cpu": (ModelKind.TEXT_ENCODER, [CLIP_L], {"type": "stable_diffusion", "device": "cpu"}),
+    "two text encoders": (ModelKind.TEXT_ENCODER, [CLIP_L, CLIP_G], {"type": "sdxl", "device": "default"}),
+    "diffusion model": (ModelKind.DIFFUSION_MODEL, [WAN_DM], {"weight_dtype": "default"}),
+    "diffusion model fp8": (ModelKind.DIFFUSION_MODEL, [WAN_DM], {"weight_dtype": "fp8_e4m3fn"}),
+    "vae": (ModelKind.VAE, [SD_VAE], {}),
+}
+SLOW_CASES = {"checkpoint", "two text encoders"}
+
+
+def _loaded_patchers():
+    import comfy.model_management
+
+    return [m.model for m in comfy.model_management.current_loaded_models if m.model is not None]
+
+
+@pytest.mark.parametrize("auto_gpu_load", [True, False], ids=["auto_gpu_load", "no_gpu_load"])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+                                  for c in KIND_CASES])
+def test_every_kind_loads_under_each_auto_gpu_load_setting(comfy_host, make_service, case, auto_gpu_load):
+    """Through the cache's executing-thread path: the place every preload, loader and selector ends."""
+    import comfy.model_management
+
+    from comfyui_memkit.model_cache.comfy_models import patchers
+
+    kind, names, options = KIND_CASES[case]
+    service = make_service(auto_gpu_load=auto_gpu_load)
+    comfy.model_management.unload_all_models()
+    parts = service.checkout(kind, names, options)
+    (entry,) = service.cache.entries()
+    cached_patchers = patchers(entry.value)
+    assert len(cached_patchers) == len([p for p in entry.value.parts if p is not None])
+    loaded = _loaded_patchers()
+    for patcher in cached_patchers:
+        if auto_gpu_load:
+            assert patcher in loaded
+        elif not getattr(patcher, "is_clip", False):  # ComfyUI's CLIP() loads itself when built on CPU
+            assert patcher not in loaded
+    for ours, cached in zip(parts, entry.value.parts):
+        assert (ours is None) == (cached is None)
+        if ours is not None:
+            assert ours is not cached, "a clone is handed out, never the cached object"
+    again = service.checkout(kind, names, options)
+    assert service.cache.loads == 1
+    assert all(a is not b for a, b in zip(again, parts) if a is not None)
+
+
+def test_auto_gpu_load_never_places_a_model_off_the_executing_thread(comfy_host, make_service):
+    """A load outside ComfyUI's prompt worker (a blocking preload at start-up) only fills RAM."""
     import comfy.model_management
 
     service = make_service(auto_gpu_load=True)
     comfy.model_management.unload_all_models()
-    model = service.checkout(ModelKind.DIFFUSION_MODEL, [WAN_DM], {"weight_dtype": "default"})
-    loaded = [m.model.model for m in comfy.model_management.current_loaded_models if m.model is not None]
-    assert model.model in loaded
+    outcome = service.request(ModelKind.VAE, [SD_VAE], executing_thread=False)
+    assert outcome.value.parts[0].patcher not in _loaded_patchers()
+
+
+def test_preload_entries_place_blocking_loads_once_comfyui_runs(comfy_host, make_service):
+    import comfy.model_management
+
+    from comfyui_memkit.model_cache.config import DiffusionModelEntry, VAEEntry
+
+    entries = [VAEEntry(vae_name=SD_VAE, cache_key="vae"),
+               DiffusionModelEntry(model_name=WAN_DM, cache_key="dm"),
+               VAEEntry(vae_name="missing.safetensors", cache_key="missing")]
+    service = make_service(entries=entries, auto_gpu_load=True)
+    comfy.model_management.unload_all_models()
+    assert set(service.preload_entries(entries, executing_thread=False)) == {"missing"}
+    assert _loaded_patchers() == []
+    seen = []
+    failures = service.preload_entries(entries, executing_thread=True, on_entry=lambda a, e: seen.append(a))
+    assert set(failures) == {"missing"}
+    assert "is not a file in ComfyUI's 'vae' model folders" in failures["missing"]
+    assert seen == ["vae", "dm", "missing"]
+    assert service.cache.loads == 2
+    assert len(_loaded_patchers()) == 2

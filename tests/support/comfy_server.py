@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,12 +36,13 @@ class PromptFailedError(AssertionError):
 
 class ComfyServer:
     def __init__(self, base: Path, models: Path, config: Path | None, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, node_packs: list[Path] | None = None) -> None:
         self.base = base
         self.models = models
         self.config = config
         self.extra_args = extra_args or []
         self.extra_env = env or {}
+        self.node_packs = node_packs or []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -51,6 +53,10 @@ class ComfyServer:
 
     def start(self, timeout: float = 240) -> ComfyServer:
         paths = prepare_base(self.base, self.models) / "extra_model_paths.yaml"
+        for pack in self.node_packs:  # test-only node packs, linked like the package itself
+            link = self.base / "custom_nodes" / pack.name
+            if not link.exists():
+                link.symlink_to(pack, target_is_directory=True)
         comfy = Path(os.environ["MEMKIT_COMFYUI"])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.extra_env}
         if self.config is not None:
@@ -85,8 +91,20 @@ class ComfyServer:
         self.log_file.close()
         self.process = None
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-8000:] if self.log_path.exists() else ""
+    def log(self, whole: bool = False) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text if whole else text[-8000:]
+
+    def problems(self) -> list[str]:
+        """Tracebacks and failed nodes in the whole log, less ComfyUI's own known noise: the optional
+        imports it reports at start-up (audio nodes without torchaudio) and SQLAlchemy closing one of
+        ComfyUI's database connections from the thread that garbage-collected it."""
+        text = self.log(whole=True)
+        blocks = re.split(r"(?=Traceback \(most recent call last\))", text)[1:]
+        noise = ("No module named 'torchaudio'", "sqlalchemy/pool/base.py")
+        found = [b[:1500] for b in blocks if not any(n in b.split("\n\n", 1)[0] for n in noise)]
+        found += [line for line in text.splitlines() if "Exception during processing" in line]
+        return found
 
     # --- HTTP -----------------------------------------------------------------------------
 
@@ -126,7 +144,10 @@ class ComfyServer:
         status, answer = self.request("POST", "/prompt", {"prompt": prompt, "client_id": self.client_id})
         if status != 200:
             raise PromptFailedError(f"/prompt refused the prompt ({status}): {answer}")
-        prompt_id = answer["prompt_id"]
+        return self.wait_for(answer["prompt_id"], timeout)
+
+    def wait_for(self, prompt_id: str, timeout: float = 600) -> dict[str, Any]:
+        """Wait for a queued prompt; its outputs, or PromptFailedError with ComfyUI's messages."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             history = self.get(f"/history/{prompt_id}")

@@ -19,3 +19,17 @@ def structured_latent(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     smooth = torch.nn.functional.interpolate(coarse, size=spatial, mode=mode, align_corners=True)
     detail = torch.randn(shape, generator=generator)
     return 1.5 * smooth + 0.4 * detail
+
+
+def write_latent_input(input_dir, name: str, shape: tuple[int, ...], seed: int) -> str:
+    """Save a structured latent where ComfyUI's LoadLatent finds it (``input/<name>``); returns the name."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(input_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    # latent_format_version_0 marks it as a latent LoadLatent must not rescale
+    save_file({"latent_tensor": structured_latent(shape, seed), "latent_format_version_0": torch.tensor([])},
+              str(folder / name))
+    return name

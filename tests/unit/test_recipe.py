@@ -56,3 +56,21 @@ def test_paths_are_resolved_so_links_share_an_entry(tmp_path):
     reader = FileIdentityReader()
     assert LoadRecipe.build(ModelKind.VAE, [str(link)], {}, reader).key == \
         LoadRecipe.build(ModelKind.VAE, [path], {}, reader).key
+
+
+def test_hash_contents_sees_a_file_rewritten_with_the_same_size_and_mtime(tmp_path):
+    import os
+
+    from comfyui_memkit.model_cache.recipe import FileIdentityReader
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"A" * 4096)
+    reader = FileIdentityReader(hash_contents=True)
+    before = reader.read(str(path))
+    stat = os.stat(path)
+    with open(path, "r+b") as handle:  # rewritten in place: same inode, same size
+        handle.write(b"B" * 4096)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and its mtime set back
+    after = reader.read(str(path))
+    assert (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
+    assert after.sha256 != before.sha256

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from comfyui_memkit.model_cache.manager import CacheLoadError, ModelCache
+from comfyui_memkit.model_cache.cache import CacheLoadError, Footprint, ModelCache
 from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
 
 
@@ -17,8 +17,16 @@ class Payload:
         self.nbytes = nbytes
 
 
+class NamedCache(ModelCache):
+    """Names entries ``checkpoint:<file>`` as the service does, so the assertions read well."""
+
+    def get_or_load(self, recipe, load, **kwargs):
+        kwargs.setdefault("alias", f"{recipe.kind.value}:{recipe.paths[0].rsplit('/', 1)[-1]}")
+        return super().get_or_load(recipe, load, **kwargs)
+
+
 def make_cache(budget: int | None = None) -> ModelCache:
-    return ModelCache(measure=lambda value: value.nbytes, budget_bytes=budget)
+    return NamedCache(measure=lambda value: Footprint(ram=value.nbytes), budget_bytes=budget)
 
 
 def test_second_request_is_a_hit_without_loading():

@@ -1,0 +1,344 @@
+"""The process-wide model cache: single-flight loads, LRU eviction under a RAM budget, pinning.
+
+Pure Python: it stores whatever the ``load`` callable returns and measures it with the
+``measure`` callable it was given, so its policy is tested without ComfyUI. Handing out clones
+and talking to ComfyUI is the caller's job (``model_cache.service``).
+
+Honest accounting, because users size machines from these numbers:
+
+* RAM and accelerator memory are measured apart (``Footprint``); only RAM counts against the
+  budget, and footprints are measured again before every eviction decision, since ComfyUI moves
+  weights between devices after we loaded them.
+* A load in flight reserves its files' size against the budget until it is measured.
+* An evicted value that is still alive (a running prompt or ComfyUI's output cache holds a clone)
+  is kept as a weak reference: status shows the memory it still holds, and the next request
+  adopts it again instead of loading a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .recipe import LoadRecipe
+
+log = logging.getLogger("memkit.cache")
+
+
+class CacheLoadError(RuntimeError):
+    """A load failed; every request that waited on it gets this error."""
+
+
+class LoadWaitInterruptedError(RuntimeError):
+    """The caller stopped waiting for another thread's load; that load carries on."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a cached value holds: in RAM (counted against the budget) and on accelerators."""
+
+    ram: int = 0
+    vram: int = 0
+
+    def __add__(self, other: Footprint) -> Footprint:
+        return Footprint(self.ram + other.ram, self.vram + other.vram)
+
+
+@dataclass
+class CacheEntry:
+    recipe: LoadRecipe
+    alias: str
+    value: Any
+    footprint: Footprint
+    pinned: bool
+    load_seconds: float
+    seq: int
+    hits: int = 0
+    uses: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    last_use_token: object = None
+
+    @property
+    def key(self) -> str:
+        return self.recipe.key
+
+    @property
+    def nbytes(self) -> int:
+        return self.footprint.ram
+
+
+@dataclass(frozen=True)
+class RetiredEntry:
+    """An evicted entry whose value something else still holds (status: memory not yet freed)."""
+
+    recipe: LoadRecipe
+    alias: str
+    footprint: Footprint
+    ref: weakref.ref
+
+    @property
+    def key(self) -> str:
+        return self.recipe.key
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    value: Any
+    entry: CacheEntry
+    hit: bool
+
+
+class _Flight:
+    """One load in progress; the requests that arrive meanwhile wait on it."""
+
+    def __init__(self, alias: str, reserved: int) -> None:
+        self.alias = alias
+        self.reserved = reserved
+        self.done = threading.Event()
+        self.entry: CacheEntry | None = None
+        self.error: BaseException | None = None
+
+
+class ModelCache:
+    """Thread-safe cache of loaded models keyed by their load recipe."""
+
+    def __init__(self, measure: Callable[[Any], Footprint], budget_bytes: int | None = None,
+                 wait_poll_seconds: float = 0.05) -> None:
+        self._measure = measure
+        self.budget_bytes = budget_bytes
+        self._wait_poll = wait_poll_seconds
+        self._lock = threading.RLock()
+        self._entries: dict[str, CacheEntry] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._retired: dict[str, RetiredEntry] = {}
+        self._seq = itertools.count(1)
+        self.loads = 0
+        self.evictions = 0
+        self.readoptions = 0
+
+    # --- requests -------------------------------------------------------------------------
+
+    def get_or_load(self, recipe: LoadRecipe, load: Callable[[], Any], *, alias: str | None = None,
+                    pinned: bool = False, use_token: object = None,
+                    interrupted: Callable[[], bool] | None = None) -> LoadOutcome:
+        """Return the cached value for ``recipe``, loading it once if no one has yet.
+
+        ``interrupted`` is polled while waiting for another thread's load; when it answers true
+        the wait ends with ``LoadWaitInterruptedError`` and the load itself is left to finish.
+        """
+        alias = alias or recipe.key
+        with self._lock:
+            seq = next(self._seq)
+            entry = self._entries.get(recipe.key) or self._readopt(recipe.key, alias, pinned, seq)
+            if entry is not None:
+                self._hit(entry, pinned, use_token)
+                return LoadOutcome(entry.value, entry, hit=True)
+            flight = self._flights.get(recipe.key)
+            owner = flight is None
+            if owner:
+                flight = self._flights[recipe.key] = _Flight(alias, recipe.file_bytes)
+        if not owner:
+            return self._wait_for(flight, pinned, use_token, interrupted)
+        return self._load(recipe, load, alias, pinned, flight, seq, use_token)
+
+    def _wait_for(self, flight: _Flight, pinned: bool, use_token: object,
+                  interrupted: Callable[[], bool] | None) -> LoadOutcome:
+        while not flight.done.wait(self._wait_poll):
+            if interrupted is not None and interrupted():
+                raise LoadWaitInterruptedError(f"stopped waiting for {flight.alias}, which another thread is loading; "
+                                          "that load goes on and will be cached")
+        if flight.error is not None:
+            raise CacheLoadError(f"loading {flight.alias} failed: {flight.error}") from flight.error
+        with self._lock:
+            self._hit(flight.entry, pinned, use_token)
+        return LoadOutcome(flight.entry.value, flight.entry, hit=True)
+
+    def _load(self, recipe: LoadRecipe, load: Callable[[], Any], alias: str, pinned: bool,
+              flight: _Flight, seq: int, use_token: object) -> LoadOutcome:
+        try:
+            with self._lock:
+                self._make_room(keep=recipe.key)
+            started = time.perf_counter()
+            value = load()
+            seconds = time.perf_counter() - started
+            footprint = self._measure(value)
+        except BaseException as error:
+            with self._lock:
+                del self._flights[recipe.key]
+            flight.error = error
+            flight.done.set()
+            raise
+        entry = CacheEntry(recipe, alias, value, footprint, pinned, seconds, seq,
+                           uses=1, last_use_token=use_token)
+        with self._lock:
+            del self._flights[recipe.key]
+            if self._newer_version_cached(recipe, seq):
+                log.info("%s changed on disk while it loaded; the newer copy stays cached", alias)
+            else:
+                self._drop_stale(recipe)
+                self._entries[recipe.key] = entry
+                self._retired.pop(recipe.key, None)
+                self.loads += 1
+                self._make_room(keep=recipe.key)
+        flight.entry = entry
+        flight.done.set()
+        log.info("cached %s (%.1f MB RAM, %.1f MB VRAM) in %.2f s", alias, footprint.ram / 2**20,
+                 footprint.vram / 2**20, seconds)
+        return LoadOutcome(value, entry, hit=False)
+
+    def _hit(self, entry: CacheEntry, pinned: bool, use_token: object) -> None:
+        entry.hits += 1
+        entry.pinned = entry.pinned or pinned
+        self._use(entry, use_token)
+
+    def _use(self, entry: CacheEntry, use_token: object) -> None:
+        entry.last_used = time.monotonic()
+        if use_token is None or use_token != entry.last_use_token:
+            entry.uses += 1
+        entry.last_use_token = use_token
+
+    def touch(self, key: str, use_token: object = None) -> bool:
+        """A prompt uses this entry even if ComfyUI's output cache answers the loader: keep LRU true.
+
+        ``use_token`` (e.g. the prompt id) makes repeated calls within one prompt count once.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            self._use(entry, use_token)
+            return True
+
+    def _readopt(self, key: str, alias: str, pinned: bool, seq: int) -> CacheEntry | None:
+        retired = self._retired.pop(key, None)
+        value = retired.ref() if retired is not None else None
+        if value is None:
+            return None
+        entry = CacheEntry(retired.recipe, alias, value, self._measure(value), pinned, 0.0, seq)
+        self._entries[key] = entry
+        self.readoptions += 1
+        log.info("re-adopted %s: evicted earlier but still held by ComfyUI, so not loaded again", alias)
+        return entry
+
+    # --- eviction -------------------------------------------------------------------------
+
+    def _newer_version_cached(self, recipe: LoadRecipe, seq: int) -> bool:
+        return any(e.recipe.lineage == recipe.lineage and e.key != recipe.key and e.seq > seq
+                   for e in self._entries.values())
+
+    def _drop_stale(self, recipe: LoadRecipe) -> None:
+        """A changed file makes a new recipe with the same lineage: the old entry is stale."""
+        for key, entry in list(self._entries.items()):
+            if entry.recipe.lineage == recipe.lineage and key != recipe.key:
+                log.info("%s changed on disk; dropping the stale copy", entry.alias)
+                self._remove(key, retire=False)
+
+    def _refresh(self) -> None:
+        for entry in self._entries.values():
+            entry.footprint = self._measure(entry.value)
+
+    def _make_room(self, keep: str) -> None:
+        """Evict least-recently-used unpinned entries until cached + in-flight RAM fits the budget."""
+        if self.budget_bytes is None:
+            return
+        self._refresh()
+        candidates = sorted((e for e in self._entries.values() if not e.pinned and e.key != keep),
+                            key=lambda e: e.last_used)
+        while self._committed_ram() > self.budget_bytes and candidates:
+            victim = candidates.pop(0)
+            log.info("evicting %s (%.1f MB) to stay within the %.1f GB budget",
+                     victim.alias, victim.nbytes / 2**20, self.budget_bytes / 2**30)
+            self._remove(victim.key)
+            self.evictions += 1
+        if self._committed_ram() > self.budget_bytes:
+            log.warning("cache holds %.1f MB of pinned or in-flight models, over the %.1f GB budget",
+                        self._committed_ram() / 2**20, self.budget_bytes / 2**30)
+
+    def _committed_ram(self) -> int:
+        return sum(e.footprint.ram for e in self._entries.values()) + sum(f.reserved for f in self._flights.values())
+
+    def _remove(self, key: str, retire: bool = True) -> CacheEntry | None:
+        # Dropping our reference is safe for a running prompt: it holds its own clone. If the value
+        # lives on (a clone keeps it), remember it weakly so that status and re-adoption see it.
+        entry = self._entries.pop(key, None)
+        if entry is not None and retire:
+            with contextlib.suppress(TypeError):  # a value that cannot be weakly referenced is just dropped
+                self._retired[key] = RetiredEntry(entry.recipe, entry.alias, entry.footprint, weakref.ref(entry.value))
+        return entry
+
+    def evict(self, name: str) -> list[str]:
+        """Drop the entries whose alias, key or file name is ``name``; returns their aliases."""
+        with self._lock:
+            victims = self.find(name)
+            for entry in victims:
+                self._remove(entry.key)
+                self.evictions += 1
+            return [e.alias for e in victims]
+
+    def clear(self, include_pinned: bool = False) -> list[str]:
+        with self._lock:
+            victims = [e for e in self._entries.values() if include_pinned or not e.pinned]
+            for entry in victims:
+                self._remove(entry.key)
+            self.evictions += len(victims)
+            return [e.alias for e in victims]
+
+    def release_unpinned(self, enough: Callable[[], bool]) -> list[str]:
+        """Evict unpinned entries, least recently used first, until ``enough()`` (RAM pressure)."""
+        released = []
+        with self._lock:
+            for entry in sorted((e for e in self._entries.values() if not e.pinned), key=lambda e: e.last_used):
+                if enough():
+                    break
+                self._remove(entry.key)
+                self.evictions += 1
+                released.append(entry.alias)
+        return released
+
+    # --- inspection -----------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        """RAM held by cached entries (the budgeted quantity)."""
+        with self._lock:
+            return sum(e.footprint.ram for e in self._entries.values())
+
+    def footprint(self) -> Footprint:
+        with self._lock:
+            self._refresh()
+            return sum((e.footprint for e in self._entries.values()), Footprint())
+
+    def reserved_bytes(self) -> int:
+        with self._lock:
+            return sum(f.reserved for f in self._flights.values())
+
+    def entries(self) -> list[CacheEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def retired(self) -> list[RetiredEntry]:
+        """Evicted entries still alive elsewhere; dead ones are forgotten here."""
+        with self._lock:
+            for key in [k for k, r in self._retired.items() if r.ref() is None]:
+                del self._retired[key]
+            return list(self._retired.values())
+
+    def loading(self) -> list[str]:
+        with self._lock:
+            return [f.alias for f in self._flights.values()]
+
+    def find(self, name: str) -> list[CacheEntry]:
+        """Entries named ``name`` by alias, key, or the file name of one of their files."""
+        with self._lock:
+            exact = [e for e in self._entries.values() if name in (e.alias, e.key)]
+            if exact:
+                return exact
+            return [e for e in self._entries.values()
+                    if any(p == name or p.endswith(("/" + name, "\\" + name)) for p in e.recipe.paths)]

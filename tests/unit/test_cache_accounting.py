@@ -1,0 +1,233 @@
+"""The cache's accounting and concurrency rules (issue: cache that holds under real conditions).
+
+Threads are ordered with events, never sleeps: each test forces the interleaving it checks.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+
+import pytest
+
+from comfyui_memkit.model_cache.aliases import AliasRegistry
+from comfyui_memkit.model_cache.cache import Footprint, LoadWaitInterruptedError, ModelCache
+from comfyui_memkit.model_cache.preload import PreloadState
+from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
+
+
+def recipe(name: str, size: int = 100, mtime: int = 1) -> LoadRecipe:
+    return LoadRecipe(ModelKind.CHECKPOINT, (f"/models/{name}",), (FileIdentity(size, mtime),))
+
+
+class Value:
+    def __init__(self, ram: int, vram: int = 0) -> None:
+        self.footprint = Footprint(ram, vram)
+
+
+def make_cache(budget: int | None = None) -> ModelCache:
+    return ModelCache(measure=lambda value: value.footprint, budget_bytes=budget, wait_poll_seconds=0.01)
+
+
+def start(target) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def blocking_load(value, started: threading.Event, release: threading.Event):
+    def load():
+        started.set()
+        assert release.wait(10)
+        return value
+    return load
+
+
+def test_a_load_in_flight_counts_against_the_budget():
+    cache = make_cache(budget=250)
+    cache.get_or_load(recipe("x"), lambda: Value(100), alias="x")
+    started, release = threading.Event(), threading.Event()
+    owner = start(lambda: cache.get_or_load(recipe("a"), blocking_load(Value(100), started, release), alias="a"))
+    assert started.wait(10)
+    assert cache.reserved_bytes() == 100
+    cache.get_or_load(recipe("b"), lambda: Value(100), alias="b")  # x + a (in flight) + b = 300 > 250
+    assert [e.alias for e in cache.entries()] == ["b"], "x had to go while a was still loading"
+    release.set()
+    owner.join(10)
+    assert cache.reserved_bytes() == 0
+    assert cache.used_bytes <= 250
+
+
+def test_vram_is_reported_apart_and_not_counted_as_ram():
+    cache = make_cache(budget=150)
+    cache.get_or_load(recipe("gpu"), lambda: Value(10, vram=1000), alias="gpu")
+    cache.get_or_load(recipe("cpu"), lambda: Value(100), alias="cpu")
+    assert {e.alias for e in cache.entries()} == {"gpu", "cpu"}, "VRAM must not push RAM entries out"
+    assert cache.used_bytes == 110
+    assert cache.footprint() == Footprint(110, 1000)
+
+
+def test_footprints_are_measured_again_before_evicting():
+    cache = make_cache(budget=150)
+    moved = Value(100)
+    cache.get_or_load(recipe("moved"), lambda: moved, alias="moved")
+    moved.footprint = Footprint(0, 100)  # ComfyUI moved its weights to the GPU after we loaded it
+    cache.get_or_load(recipe("b"), lambda: Value(100), alias="b")
+    assert {e.alias for e in cache.entries()} == {"moved", "b"}
+
+
+def test_an_evicted_value_still_alive_is_adopted_again_not_loaded_twice():
+    cache = make_cache()
+    held = cache.get_or_load(recipe("a"), lambda: Value(100), alias="a").value  # a prompt holds it
+    cache.evict("a")
+    (retired,) = cache.retired()
+    assert retired.alias == "a"
+    loads = []
+    again = cache.get_or_load(recipe("a"), lambda: loads.append(1) or Value(100), alias="a")
+    assert again.value is held
+    assert loads == []
+    assert cache.readoptions == 1
+    assert cache.retired() == []
+
+
+def test_an_evicted_value_nobody_holds_is_forgotten_and_loaded_again():
+    cache = make_cache()
+    cache.get_or_load(recipe("a"), lambda: Value(100), alias="a")
+    cache.evict("a")
+    gc.collect()
+    assert cache.retired() == []
+    loads = []
+    cache.get_or_load(recipe("a"), lambda: loads.append(1) or Value(100), alias="a")
+    assert loads == [1]
+
+
+def test_an_old_version_that_finishes_loading_last_does_not_replace_the_new_one():
+    cache = make_cache()
+    started, release = threading.Event(), threading.Event()
+    old = {}
+    owner = start(lambda: old.setdefault("outcome", cache.get_or_load(
+        recipe("m", mtime=1), blocking_load(Value(1), started, release), alias="m")))
+    assert started.wait(10)
+    new = cache.get_or_load(recipe("m", mtime=2), lambda: Value(2), alias="m")  # the file changed meanwhile
+    release.set()
+    owner.join(10)
+    assert [e.key for e in cache.entries()] == [new.entry.key], "the newer file's model stays cached"
+    assert old["outcome"].value.footprint.ram == 1, "the older request still gets what it asked for"
+
+
+def test_a_newer_version_replaces_an_older_cached_one():
+    cache = make_cache()
+    cache.get_or_load(recipe("m", mtime=1), lambda: Value(1), alias="m")
+    new = cache.get_or_load(recipe("m", mtime=2), lambda: Value(2), alias="m")
+    assert [e.key for e in cache.entries()] == [new.entry.key]
+
+
+def test_waiting_for_another_threads_load_can_be_interrupted_and_the_load_goes_on():
+    cache = make_cache()
+    started, release, interrupt = threading.Event(), threading.Event(), threading.Event()
+    result = {}
+    owner = start(lambda: result.setdefault("owner", cache.get_or_load(
+        recipe("big"), blocking_load(Value(5), started, release), alias="big")))
+    assert started.wait(10)
+    waiter_error = {}
+
+    def wait():
+        try:
+            cache.get_or_load(recipe("big"), lambda: Value(5), alias="big", interrupted=interrupt.is_set)
+        except LoadWaitInterruptedError as error:
+            waiter_error["error"] = error
+
+    waiter = start(wait)
+    interrupt.set()
+    waiter.join(10)
+    assert "stopped waiting for big, which another thread is loading" in str(waiter_error["error"])
+    release.set()
+    owner.join(10)
+    assert result["owner"].hit is False
+    assert [e.alias for e in cache.entries()] == ["big"]
+    assert cache.get_or_load(recipe("big"), lambda: Value(5), alias="big").hit
+
+
+def test_a_prompt_that_uses_an_entry_keeps_it_from_lru_eviction():
+    cache = make_cache(budget=250)
+    cache.get_or_load(recipe("every-prompt"), lambda: Value(100), alias="every-prompt", use_token="p0")
+    cache.get_or_load(recipe("once"), lambda: Value(100), alias="once", use_token="p1")
+    # ComfyUI's output cache answers the loader: only the fingerprint is evaluated, per prompt
+    assert cache.touch(recipe("every-prompt").key, use_token="p2")
+    cache.get_or_load(recipe("new"), lambda: Value(100), alias="new", use_token="p2")
+    assert {e.alias for e in cache.entries()} == {"every-prompt", "new"}
+
+
+def test_uses_count_once_per_prompt_and_hits_count_handouts():
+    cache = make_cache()
+    cache.get_or_load(recipe("a"), lambda: Value(1), alias="a", use_token="p1")
+    key = recipe("a").key
+    cache.touch(key, "p2")                                        # fingerprint, prompt 2
+    cache.get_or_load(recipe("a"), lambda: Value(1), alias="a", use_token="p2")  # execute, prompt 2
+    cache.touch(key, "p3")                                        # output cache answered prompt 3
+    (entry,) = cache.entries()
+    assert (entry.uses, entry.hits) == (3, 1)
+
+
+def test_release_unpinned_goes_least_recently_used_first_and_stops_when_enough():
+    cache = make_cache()
+    for name in ("old", "pinned", "mid", "new"):
+        cache.get_or_load(recipe(name), lambda: Value(1), alias=name, pinned=name == "pinned")
+    released = []
+    assert cache.release_unpinned(lambda: len(released) >= 2 or released.append(None)) == ["old", "mid"]
+    assert {e.alias for e in cache.entries()} == {"pinned", "new"}
+
+
+@pytest.fixture
+def frequent_thread_switches():
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_the_alias_registry_can_be_read_while_a_thread_writes_it(frequent_thread_switches):
+    registry = AliasRegistry([])
+    errors, done = [], threading.Event()
+
+    def write():
+        for index in range(20000):
+            registry.remember(ModelKind.VAE, f"vae:{index}", [f"{index}.safetensors"], {})
+        done.set()
+
+    writer = start(write)
+    while not done.is_set():
+        try:
+            registry.known(ModelKind.VAE)
+        except RuntimeError as error:  # dictionary changed size during iteration
+            errors.append(error)
+            break
+    writer.join(30)
+    assert errors == []
+    assert len(registry.known(ModelKind.VAE)) == 20000
+
+
+def test_preload_progress_can_be_read_while_the_preload_writes_it(frequent_thread_switches):
+    state = PreloadState("background")
+    assert state.begin(20000, "loading")
+    errors, done = [], threading.Event()
+
+    def write():
+        for index in range(20000):
+            state.entry_done(f"m{index}", "boom" if index % 2 else None)
+        state.finish()
+        done.set()
+
+    writer = start(write)
+    while not done.is_set():
+        try:
+            snapshot = state.snapshot()
+            assert len(snapshot.failures) <= snapshot.done
+        except RuntimeError as error:
+            errors.append(error)
+            break
+    writer.join(30)
+    assert errors == []
+    final = state.snapshot()
+    assert (final.done, len(final.failures), final.ready) == (20000, 10000, True)
