@@ -13,6 +13,11 @@ Honest accounting, because users size machines from these numbers:
 * An evicted value that is still alive (a running prompt or ComfyUI's output cache holds a clone)
   is kept as a weak reference: status shows the memory it still holds, and the next request
   adopts it again instead of loading a second copy.
+
+Dropping the last reference to a model runs ComfyUI's finalizers, which change its model
+management, so it must happen on ComfyUI's executing thread. Callers on other threads (HTTP
+routes) evict with ``defer=True``: the entries leave the cache at once but are held until the
+executing thread calls ``release_deferred``.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class _Flight:
     def __init__(self, alias: str, reserved: int) -> None:
         self.alias = alias
         self.reserved = reserved
+        self.waiters = 0
         self.done = threading.Event()
         self.entry: CacheEntry | None = None
         self.error: BaseException | None = None
@@ -118,6 +124,7 @@ class ModelCache:
         self._entries: dict[str, CacheEntry] = {}
         self._flights: dict[str, _Flight] = {}
         self._retired: dict[str, RetiredEntry] = {}
+        self._releasing: dict[str, CacheEntry] = {}
         self._seq = itertools.count(1)
         self.loads = 0
         self.evictions = 0
@@ -144,6 +151,8 @@ class ModelCache:
             owner = flight is None
             if owner:
                 flight = self._flights[recipe.key] = _Flight(alias, recipe.file_bytes)
+            else:
+                flight.waiters += 1
         if not owner:
             return self._wait_for(flight, pinned, use_token, interrupted)
         return self._load(recipe, load, alias, pinned, flight, seq, use_token)
@@ -169,26 +178,26 @@ class ModelCache:
             value = load()
             seconds = time.perf_counter() - started
             footprint = self._measure(value)
-        except BaseException as error:
+            entry = CacheEntry(recipe, alias, value, footprint, pinned, seconds, seq, uses=1,
+                               last_use_token=use_token)
             with self._lock:
                 del self._flights[recipe.key]
+                if self._newer_version_cached(recipe, seq):
+                    log.info("%s changed on disk while it loaded; the newer copy stays cached", alias)
+                else:
+                    self._drop_stale(recipe)
+                    self._entries[recipe.key] = entry
+                    self._retired.pop(recipe.key, None)
+                    self.loads += 1
+                    self._make_room(keep=recipe.key)
+            flight.entry = entry
+        except BaseException as error:
+            with self._lock:
+                self._flights.pop(recipe.key, None)
             flight.error = error
-            flight.done.set()
             raise
-        entry = CacheEntry(recipe, alias, value, footprint, pinned, seconds, seq,
-                           uses=1, last_use_token=use_token)
-        with self._lock:
-            del self._flights[recipe.key]
-            if self._newer_version_cached(recipe, seq):
-                log.info("%s changed on disk while it loaded; the newer copy stays cached", alias)
-            else:
-                self._drop_stale(recipe)
-                self._entries[recipe.key] = entry
-                self._retired.pop(recipe.key, None)
-                self.loads += 1
-                self._make_room(keep=recipe.key)
-        flight.entry = entry
-        flight.done.set()
+        finally:
+            flight.done.set()  # waiters wake up whatever happened
         log.info("cached %s (%.1f MB RAM, %.1f MB VRAM) in %.2f s", alias, footprint.ram / 2**20,
                  footprint.vram / 2**20, seconds)
         return LoadOutcome(value, entry, hit=False)
@@ -217,14 +226,18 @@ class ModelCache:
             return True
 
     def _readopt(self, key: str, alias: str, pinned: bool, seq: int) -> CacheEntry | None:
-        retired = self._retired.pop(key, None)
-        value = retired.ref() if retired is not None else None
-        if value is None:
-            return None
-        entry = CacheEntry(retired.recipe, alias, value, self._measure(value), pinned, 0.0, seq)
+        """An evicted value still at hand (waiting for release, or alive elsewhere) comes back."""
+        entry = self._releasing.pop(key, None)
+        if entry is None:
+            retired = self._retired.pop(key, None)
+            value = retired.ref() if retired is not None else None
+            if value is None:
+                return None
+            entry = CacheEntry(retired.recipe, alias, value, self._measure(value), pinned, 0.0, seq)
         self._entries[key] = entry
         self.readoptions += 1
-        log.info("re-adopted %s: evicted earlier but still held by ComfyUI, so not loaded again", alias)
+        log.info("re-adopted %s: evicted earlier but still held, so not loaded again", alias)
+        self._make_room(keep=key)
         return entry
 
     # --- eviction -------------------------------------------------------------------------
@@ -273,33 +286,52 @@ class ModelCache:
                 self._retired[key] = RetiredEntry(entry.recipe, entry.alias, entry.footprint, weakref.ref(entry.value))
         return entry
 
-    def evict(self, name: str) -> list[str]:
+    def _evict(self, victims: list[CacheEntry], defer: bool) -> list[str]:
+        for entry in victims:
+            if defer:
+                self._releasing[entry.key] = self._entries.pop(entry.key)
+            else:
+                self._remove(entry.key)
+        self.evictions += len(victims)
+        return [e.alias for e in victims]
+
+    def evict(self, name: str, defer: bool = False) -> list[str]:
         """Drop the entries whose alias, key or file name is ``name``; returns their aliases."""
         with self._lock:
-            victims = self.find(name)
-            for entry in victims:
-                self._remove(entry.key)
-                self.evictions += 1
-            return [e.alias for e in victims]
+            return self._evict(self.find(name), defer)
 
-    def clear(self, include_pinned: bool = False) -> list[str]:
+    def clear(self, include_pinned: bool = False, defer: bool = False) -> list[str]:
         with self._lock:
-            victims = [e for e in self._entries.values() if include_pinned or not e.pinned]
-            for entry in victims:
-                self._remove(entry.key)
-            self.evictions += len(victims)
-            return [e.alias for e in victims]
+            return self._evict([e for e in self._entries.values() if include_pinned or not e.pinned], defer)
 
-    def release_unpinned(self, enough: Callable[[], bool]) -> list[str]:
-        """Evict unpinned entries, least recently used first, until ``enough()`` (RAM pressure)."""
+    def release_deferred(self) -> list[str]:
+        """Let go of entries evicted with ``defer`` (call on ComfyUI's executing thread)."""
+        with self._lock:
+            released = list(self._releasing.values())
+            self._releasing.clear()
+            for entry in released:
+                with contextlib.suppress(TypeError):
+                    self._retired[entry.key] = RetiredEntry(entry.recipe, entry.alias, entry.footprint,
+                                                            weakref.ref(entry.value))
+        aliases = [e.alias for e in released]
+        del released  # the last references, dropped here, on the caller's thread
+        return aliases
+
+    def release_unpinned(self, enough: Callable[[], bool], keep: Callable[[CacheEntry], bool] = lambda e: False,
+                         ) -> list[str]:
+        """Evict unpinned entries (not ``keep``), least recently used first, until ``enough()``."""
         released = []
         with self._lock:
-            for entry in sorted((e for e in self._entries.values() if not e.pinned), key=lambda e: e.last_used):
-                if enough():
-                    break
-                self._remove(entry.key)
-                self.evictions += 1
-                released.append(entry.alias)
+            candidates = sorted((e for e in self._entries.values() if not e.pinned and not keep(e)),
+                                key=lambda e: e.last_used)
+        while candidates and not enough():
+            entry = candidates.pop(0)  # no reference is left behind here, so ``enough`` sees it freed
+            with self._lock:
+                if self._entries.get(entry.key) is entry:
+                    self._remove(entry.key)
+                    self.evictions += 1
+                    released.append(entry.alias)
+            del entry
         return released
 
     # --- inspection -----------------------------------------------------------------------
@@ -330,9 +362,15 @@ class ModelCache:
                 del self._retired[key]
             return list(self._retired.values())
 
-    def loading(self) -> list[str]:
+    def loading(self) -> list[tuple[str, int]]:
+        """Loads in flight: (alias, number of requests waiting for it)."""
         with self._lock:
-            return [f.alias for f in self._flights.values()]
+            return [(f.alias, f.waiters) for f in self._flights.values()]
+
+    def releasing(self) -> list[CacheEntry]:
+        """Evicted entries held until the executing thread releases them."""
+        with self._lock:
+            return list(self._releasing.values())
 
     def find(self, name: str) -> list[CacheEntry]:
         """Entries named ``name`` by alias, key, or the file name of one of their files."""

@@ -166,9 +166,11 @@ def clone(value: LoadedValue) -> tuple[Any, ...]:
     """
     clones = tuple(_clone_part(part) for part in value.parts)
     for twin in clones:
-        if twin is not None:
-            with contextlib.suppress(AttributeError):  # __slots__: it just does not keep value alive
-                twin._memkit_origin = value
+        # on the patcher too: ComfyUI's own clones of a CLIP or VAE (LoRA, hooks) keep our patcher
+        for holder in (twin, getattr(twin, "patcher", None)):
+            if holder is not None:
+                with contextlib.suppress(AttributeError):  # __slots__: it just does not keep value alive
+                    holder._memkit_origin = value
     return clones
 
 
@@ -246,6 +248,13 @@ def interrupted() -> bool:
     import comfy.model_management
 
     return comfy.model_management.processing_interrupted()
+
+
+def raise_if_interrupted() -> None:
+    """ComfyUI's own interrupt check (its progress bar no longer checks on every update)."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 def raise_interrupt() -> None:

@@ -99,7 +99,11 @@ class TextEncoderEntry(_Entry):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str, info: ValidationInfo) -> str:
-        return _one_of(value, _choices(info).devices)
+        value = _one_of(value, _choices(info).devices)
+        if value != "default" and len(info.data.get("clip_names") or ()) == 3:
+            raise ValueError("three text encoders load through ComfyUI's TripleCLIPLoader, which has no device "
+                             f"input; use 'default', not {value!r}")
+        return value
 
     def file_names(self) -> list[str]:
         return list(self.clip_names)
@@ -159,6 +163,7 @@ class Settings(BaseModel):
     verbose: bool = False
     ram_budget_gb: float | None = Field(default=None, gt=0)
     hash_contents: bool = False
+    warmup_workflow: str | None = None
 
 
 class _TopLevel(BaseModel):
@@ -176,6 +181,7 @@ class PreloadConfig:
     settings: Settings = field(default_factory=Settings)
     entries: list[PreloadEntry] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warmup_prompt: dict[str, Any] | None = None
 
     def enabled_entries(self) -> list[PreloadEntry]:
         return [e for e in self.entries if e.enabled]
@@ -260,6 +266,42 @@ def parse_config(text: str, choices: HostChoices, source: str = CONFIG_FILE_NAME
     return config
 
 
+class WorkflowError(ValueError):
+    """A warm-up workflow that cannot be queued as it is."""
+
+
+def read_api_workflow(path: Path) -> dict[str, Any]:
+    """An API-format workflow (what ``POST /prompt`` takes) from a file, or a WorkflowError saying why not."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise WorkflowError(f"cannot read {path} ({error})") from None
+    except json.JSONDecodeError as error:
+        raise WorkflowError(f"{path} is not valid JSON (line {error.lineno}: {error.msg})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("prompt"), dict):
+        raw = raw["prompt"]  # a saved /prompt body
+    if isinstance(raw, dict) and isinstance(raw.get("nodes"), list):
+        raise WorkflowError(f"{path} is a UI-format workflow (as the page saves it); save it with "
+                            "'Export (API)' instead")
+    if not isinstance(raw, dict) or not raw or not all(
+            isinstance(node, dict) and isinstance(node.get("class_type"), str) and isinstance(node.get("inputs"), dict)
+            for node in raw.values()):
+        raise WorkflowError(f"{path} is not an API-format workflow (an object of nodes, each with class_type "
+                            "and inputs)")
+    return raw
+
+
+def _attach_warmup(config: PreloadConfig, path: Path) -> None:
+    name = config.settings.warmup_workflow
+    if not name:
+        return
+    workflow = Path(name) if Path(name).is_absolute() else path.parent / name
+    try:
+        config.warmup_prompt = read_api_workflow(workflow)
+    except WorkflowError as error:
+        config.problems.append(f"{path}: field 'settings.warmup_workflow': {error}; no warm-up")
+
+
 def load_config(path: Path, choices: HostChoices) -> PreloadConfig:
     """Read and validate ``path``; every problem is logged, never raised past this point."""
     try:
@@ -270,6 +312,7 @@ def load_config(path: Path, choices: HostChoices) -> PreloadConfig:
     except ConfigError as error:
         config = PreloadConfig(path=path, problems=[f"{error}; nothing preloaded"])
     config.path = path
+    _attach_warmup(config, path)
     for problem in config.problems:
         log.error("[memkit] %s", problem)
     return config

@@ -53,7 +53,8 @@ class MemKitService:
         self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget)
         self.identities = FileIdentityReader(hash_contents=settings.hash_contents)
         self.aliases = AliasRegistry(config.enabled_entries())
-        self.preload = PreloadState(mode=settings.preload_mode)
+        expected = bool(config.warmup_prompt) or (settings.preload_mode != "off" and bool(config.enabled_entries()))
+        self.preload = PreloadState(mode=settings.preload_mode, expected=expected)
 
     # --- loading --------------------------------------------------------------------------
 
@@ -138,17 +139,42 @@ class MemKitService:
 
     # --- memory ---------------------------------------------------------------------------
 
-    def relieve_ram_pressure(self, headroom_gb: float) -> list[str]:
+    def evict(self, name: str, *, executing_thread: bool) -> list[str]:
+        """Evict by cache key, key or file name. Off the executing thread the entries leave the cache
+        now but are let go by ``release_evicted`` on the executing thread (see ``model_cache.cache``)."""
+        return self.cache.evict(name, defer=not executing_thread)
+
+    def clear(self, include_pinned: bool, *, executing_thread: bool) -> list[str]:
+        return self.cache.clear(include_pinned, defer=not executing_thread)
+
+    def release_evicted(self) -> list[str]:
+        """Executing thread only: let go of entries evicted from other threads."""
+        released = self.cache.release_deferred()
+        if released:
+            gc.collect()
+            log.info("[memkit] released %s", ", ".join(released))
+        return released
+
+    def relieve_ram_pressure(self, headroom_gb: float, use_token: object = None) -> list[str]:
         """Under ComfyUI's RAM-pressure caching (``--cache-ram``), release unpinned entries as it
-        releases its own outputs: least recently used first, until free RAM is above the headroom."""
+        releases its own outputs: only when free RAM is below the headroom even after a garbage
+        collection, least recently used first, never what the running prompt (``use_token``) uses,
+        until free RAM is 10% above the headroom. Executing thread only."""
         def available_gb() -> float:
             return psutil.virtual_memory().available / 2**30
 
+        def enough() -> bool:
+            gc.collect()  # what was released is freed only once nothing refers to it
+            return available_gb() > headroom_gb * RAM_PRESSURE_HYSTERESIS
+
         if headroom_gb <= 0 or available_gb() > headroom_gb:
             return []
-        released = self.cache.release_unpinned(lambda: available_gb() > headroom_gb * RAM_PRESSURE_HYSTERESIS)
+        gc.collect()
+        if available_gb() > headroom_gb:
+            return []
+        released = self.cache.release_unpinned(
+            enough, keep=lambda e: use_token is not None and e.last_use_token == use_token)
         if released:
-            gc.collect()
             log.info("[memkit] RAM below ComfyUI's %.1f GB headroom: released %s", headroom_gb, ", ".join(released))
         return released
 
@@ -176,6 +202,8 @@ class MemKitService:
         """
         failures: dict[str, str] = {}
         for entry in entries:
+            if executing_thread:
+                comfy_models.raise_if_interrupted()  # /interrupt stops a long preload between entries
             alias = entry_alias(entry)
             error = None
             try:

@@ -32,7 +32,10 @@ def build_status(service: MemKitService) -> dict[str, Any]:
         }
         for e in cache.entries()
     ]
-    entries += [{"cache_key": alias, "state": "loading"} for alias in cache.loading()]
+    entries += [{"cache_key": alias, "state": "loading", "waiting": waiting} for alias, waiting in cache.loading()]
+    entries += [{"cache_key": e.alias, "kind": e.recipe.kind.value, "key": e.key, "files": list(e.recipe.paths),
+                 "ram_bytes": e.footprint.ram, "vram_bytes": e.footprint.vram, "state": "releasing"}
+                for e in cache.releasing()]
     retired = cache.retired()
     held = [(r, _measure_now(r)) for r in retired]
     entries += [{"cache_key": r.alias, "kind": r.recipe.kind.value, "key": r.key, "files": list(r.recipe.paths),
@@ -47,8 +50,9 @@ def build_status(service: MemKitService) -> dict[str, Any]:
                    "budget_bytes": cache.budget_bytes,
                    "evicted_held_ram_bytes": sum(fp.ram for _, fp in held),
                    "loads": cache.loads, "evictions": cache.evictions, "readoptions": cache.readoptions},
-        "preload": {"mode": preload.mode, "phase": preload.phase, "ready": preload.ready, "total": preload.total,
-                    "done": preload.done, "failed": len(preload.failures)},
+        "preload": {"mode": preload.mode, "phase": preload.phase, "state": preload.state, "ready": preload.ready,
+                    "total": preload.total, "done": preload.done, "failed": len(preload.failures),
+                    "warmup_error": preload.warmup_error},
         "config": {"path": str(service.config.path) if service.config.path else None,
                    "problems": list(service.config.problems)},
     }

@@ -98,7 +98,7 @@ class MemKitCacheStatus(io.ComfyNode):
                                f"{e.footprint.vram / 2**20:.1f} MB VRAM on {comfy_models.devices(e.value)}, "
                                f"{e.hits} hits, {e.uses} uses, loaded in {e.load_seconds:.2f} s, "
                                f"{'pinned' if e.pinned else 'unpinned'}" for e in found)
-        elif name.strip() in service.cache.loading():
+        elif name.strip() in (alias for alias, _ in service.cache.loading()):
             detail = f"{name}: loading"
         elif name.strip() in (failures := service.preload.snapshot().failures):
             detail = f"{name}: failed: {failures[name.strip()]}"

@@ -19,10 +19,11 @@ NONE = comfy_models.NONE_NAME
 def hand_out(take: Callable[[MemKitService, object], tuple]) -> tuple:
     """A loader's or selector's body on the executing thread: honour ComfyUI's RAM pressure, take
     clones from the cache (counted as this prompt's use), show progress."""
-    service = get_service()
-    service.relieve_ram_pressure(ram_headroom_gb())
+    service, token = get_service(), prompt_token()
+    service.release_evicted()
+    service.relieve_ram_pressure(ram_headroom_gb(), token)
     bar = comfy.utils.ProgressBar(1)
-    parts = take(service, prompt_token())
+    parts = take(service, token)
     bar.update(1)
     return parts
 
@@ -31,8 +32,17 @@ def checkout(kind: ModelKind, names: list[str], options: dict[str, str] | None =
     return hand_out(lambda service, token: service.checkout(kind, names, options, use_token=token))
 
 
+LINKED = "linked-input"
+
+
 def fingerprint(kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> str:
-    return get_service().fingerprint(kind, names, options, use_token=prompt_token())
+    """Per prompt, on the executing thread. Newer ComfyUI passes linked inputs as None: then the
+    files are not known yet, so no entry is touched (ComfyUI keys on the upstream node instead)."""
+    if any(n is None for n in names) or any(v is None for v in (options or {}).values()):
+        return LINKED
+    service = get_service()
+    service.release_evicted()
+    return service.fingerprint(kind, names, options, use_token=prompt_token())
 
 
 class MemKitCheckpointLoader(io.ComfyNode):
@@ -85,8 +95,8 @@ class MemKitTextEncoderLoader(io.ComfyNode):
         )
 
     @staticmethod
-    def _names(clip_name1: str, clip_name2: str, clip_name3: str) -> list[str]:
-        return [n for n in (clip_name1, clip_name2, clip_name3) if n and n != NONE]
+    def _names(clip_name1: str | None, clip_name2: str | None, clip_name3: str | None) -> list[str | None]:
+        return [n for n in (clip_name1, clip_name2, clip_name3) if n != NONE and n != ""]
 
     @classmethod
     def fingerprint_inputs(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,

@@ -64,24 +64,28 @@ def _attach_to_server() -> None:
 
 
 def start_preload(service: MemKitService) -> None:
-    """Preload as configured. ``blocking`` loads here, before ComfyUI starts its prompt worker (so
-    nothing runs beside it) and returns when done; ``background`` reads files on a thread and
-    queues the build on ComfyUI's queue. GPU placement always happens on the executing thread."""
-    from .preload_queue import queue_preload, start_background_preload
+    """Preload as configured, then the warm-up workflow if there is one.
 
-    entries = service.config.enabled_entries()
-    mode = service.config.settings.preload_mode
-    if mode == "off" or not entries:
-        return
-    if mode == "background":
-        start_background_preload(service, entries)
+    ``blocking`` loads here, before ComfyUI starts its prompt worker (so nothing runs beside it)
+    and returns when done; ``background`` reads files on a thread and queues the build on
+    ComfyUI's queue. GPU placement and the warm-up always run on the executing thread, as prompts.
+    """
+    from .preload_queue import queue_preload
+
+    settings, warmup = service.config.settings, service.config.warmup_prompt
+    entries = service.config.enabled_entries() if settings.preload_mode != "off" else []
+    if not entries and warmup is None:
         return
     run_id = uuid.uuid4().hex
-    service.preload.begin(len(entries), "loading", run_id=run_id)
+    if settings.preload_mode == "background" and entries:
+        service.preload.begin(len(entries), "reading", run_id=run_id, warmup=warmup is not None)
+        queue_preload(service, entries, run_id, read_files=True, warmup=warmup)
+        return
+    service.preload.begin(len(entries), "loading", run_id=run_id, warmup=warmup is not None)
     failures = service.preload_entries(entries, executing_thread=False, on_entry=service.preload.entry_done)
-    if service.config.settings.auto_gpu_load:
-        loaded = [e for e in entries if entry_alias(e) not in failures]
-        queue_preload(service, loaded, run_id, read_files=False)  # placement on the executing thread
+    to_place = [e for e in entries if entry_alias(e) not in failures] if settings.auto_gpu_load else []
+    if to_place or warmup is not None:
+        queue_preload(service, to_place, run_id, read_files=False, warmup=warmup)  # on the executing thread
     else:
         service.preload.finish()
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from ..model_cache.config import check_model_name
 from ..model_cache.service import MemKitService, get_service
 from ..model_cache.status import build_status
-from .preload_queue import start_background_preload
+from .preload_queue import queue_release, start_background_preload
 
 log = logging.getLogger("memkit.http")
 
@@ -64,8 +64,9 @@ async def _parse(request: web.Request, model: type[_Body]) -> _Body | web.Respon
 
 def _ready_payload(service: MemKitService) -> dict[str, Any]:
     state = service.preload.snapshot()
-    return {"ready": state.ready, "mode": state.mode, "phase": state.phase, "done": state.done,
-            "total": state.total, "failed": sorted(state.failures)}
+    return {"ready": state.ready, "state": state.state, "mode": state.mode, "phase": state.phase,
+            "done": state.done, "total": state.total, "failed": sorted(state.failures),
+            "warmup_error": state.warmup_error}
 
 
 def register_routes(routes: web.RouteTableDef) -> None:
@@ -101,9 +102,11 @@ def register_routes(routes: web.RouteTableDef) -> None:
         body = await _parse(request, EvictBody)
         if isinstance(body, web.Response):
             return body
-        evicted = get_service().cache.evict(body.name)
+        service = get_service()
+        evicted = service.evict(body.name, executing_thread=False)
         if not evicted:
             return _error(404, f"nothing cached under {body.name!r}")
+        queue_release(service)
         return web.json_response({"evicted": evicted})
 
     @routes.post("/memkit/clear")
@@ -111,7 +114,10 @@ def register_routes(routes: web.RouteTableDef) -> None:
         body = await _parse(request, ClearBody)
         if isinstance(body, web.Response):
             return body
-        return web.json_response({"evicted": get_service().cache.clear(include_pinned=body.include_pinned)})
+        service = get_service()
+        evicted = service.clear(body.include_pinned, executing_thread=False)
+        queue_release(service)
+        return web.json_response({"evicted": evicted})
 
 
 @web.middleware
@@ -124,8 +130,10 @@ async def free_memory_observer(request: web.Request, handler):
         except ValueError:
             body = {}
         if isinstance(body, dict) and (body.get("unload_models") or body.get("free_memory")):
-            dropped = get_service().cache.clear(include_pinned=False)
-            log.info("[memkit] /free dropped %d unpinned cache entries", len(dropped))
+            service = get_service()
+            dropped = service.clear(False, executing_thread=False)
+            queue_release(service)
+            log.info("[memkit] /free evicted %d unpinned cache entries", len(dropped))
     return response
 
 

@@ -50,18 +50,19 @@ class MemKitPreload(io.ComfyNode):
     @classmethod
     def execute(cls, cache_keys: str, run_id: str = "") -> io.NodeOutput:
         service = get_service()
-        entries = service.entries_for(parse_keys(cache_keys))
         owned = service.preload.owns(run_id)
-        bar = comfy.utils.ProgressBar(max(1, len(entries)))
-
-        def on_entry(alias: str, error: str | None) -> None:
-            bar.update(1)
+        try:  # whatever happens, the run this prompt belongs to ends (/memkit/ready never sticks)
             if owned:
-                service.preload.entry_done(alias, error)
+                service.preload.set_phase("loading")
+            service.release_evicted()
+            entries = service.entries_for(parse_keys(cache_keys))
+            bar = comfy.utils.ProgressBar(max(1, len(entries)))
 
-        if owned:
-            service.preload.set_phase("loading")
-        try:
+            def on_entry(alias: str, error: str | None) -> None:
+                bar.update(1)
+                if owned:
+                    service.preload.entry_done(alias, error)
+
             failures = service.preload_entries(entries, executing_thread=True, on_entry=on_entry)
         finally:
             if owned:
@@ -71,4 +72,29 @@ class MemKitPreload(io.ComfyNode):
         return io.NodeOutput(summary, ui=ui.PreviewText(summary))
 
 
-NODES = [MemKitPreload]
+class MemKitReleaseEvicted(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitReleaseEvicted",
+            display_name="Release Evicted Models (MemKit)",
+            category="memkit/cache",
+            description="Frees the memory of models evicted through MemKit's HTTP routes or ComfyUI's /free. "
+                        "Releasing a model changes ComfyUI's model management, so it happens on the executing "
+                        "thread; MemKit queues this node itself after such an eviction.",
+            inputs=[],
+            outputs=[io.String.Output(display_name="released")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls) -> float:
+        return time.time()
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        released = "\n".join(get_service().release_evicted()) or "nothing to release"
+        return io.NodeOutput(released, ui=ui.PreviewText(released))
+
+
+NODES = [MemKitPreload, MemKitReleaseEvicted]

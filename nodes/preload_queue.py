@@ -47,26 +47,60 @@ def _server_url() -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
-def queue_prompt(prompt: dict[str, Any], wait_seconds: float = SERVER_WAIT_SECONDS) -> str:
-    """POST a prompt to this ComfyUI's /prompt, waiting for the server to listen; returns its id."""
+# our own server on loopback: never through an HTTP proxy from the environment, no certificate check
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                      urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+
+
+def _call(method: str, path: str, body: Any = None, wait_seconds: float = SERVER_WAIT_SECONDS) -> Any:
+    """One JSON request to this ComfyUI, waiting for it to listen; an HTTP error is final."""
     deadline = time.monotonic() + wait_seconds
-    body = json.dumps({"prompt": prompt, "client_id": CLIENT_ID}).encode()
-    context = ssl._create_unverified_context()  # our own server on loopback
+    data = json.dumps(body).encode() if body is not None else None
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         url = _server_url()
         if url is not None:
-            request = urllib.request.Request(url + "/prompt", data=body, method="POST",
+            request = urllib.request.Request(url + path, data=data, method=method,
                                              headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=30, context=context) as response:
-                    return json.loads(response.read())["prompt_id"]
+                with _OPENER.open(request, timeout=30) as response:
+                    return json.loads(response.read())
             except urllib.error.HTTPError as error:  # the server answered: no point in retrying
-                raise RuntimeError(f"POST /prompt answered {error.code}: {error.read()[:500]!r}") from None
+                raise RuntimeError(f"{method} {path} answered {error.code}: {error.read()[:500]!r}") from None
             except OSError as error:  # not listening yet
                 last_error = error
         time.sleep(0.25)
-    raise RuntimeError(f"ComfyUI's server did not accept a prompt within {wait_seconds:.0f} s ({last_error})")
+    raise RuntimeError(f"ComfyUI's server did not answer {method} {path} within {wait_seconds:.0f} s ({last_error})")
+
+
+def queue_prompt(prompt: dict[str, Any], wait_seconds: float = SERVER_WAIT_SECONDS) -> str:
+    """POST a prompt to this ComfyUI's /prompt (its own queue); returns the prompt id."""
+    return _call("POST", "/prompt", {"prompt": prompt, "client_id": CLIENT_ID}, wait_seconds)["prompt_id"]
+
+
+def _outcome(item: dict[str, Any]) -> str | None:
+    status = item.get("status", {})
+    if status.get("status_str") == "success":
+        return None
+    errors = [m[1] for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
+    reason = "; ".join(f"{e.get('node_type', '?')}: {e.get('exception_message', 'interrupted').strip()}"
+                       for e in errors)
+    return reason or f"ended with status {status.get('status_str')!r}"
+
+
+def prompt_error(prompt_id: str) -> str | None:
+    """Wait for a queued prompt to end; None when it succeeded, else why not (its error, or that
+    it was removed from the queue before it ran)."""
+    while True:
+        item = _call("GET", f"/history/{prompt_id}").get(prompt_id)
+        if item is not None:
+            return _outcome(item)
+        queue = _call("GET", "/queue")
+        queued = {entry[1] for entry in queue.get("queue_running", []) + queue.get("queue_pending", [])}
+        if prompt_id not in queued:
+            item = _call("GET", f"/history/{prompt_id}").get(prompt_id)  # it may have just ended
+            return _outcome(item) if item is not None else "removed from ComfyUI's queue before it ran"
+        time.sleep(0.2)
 
 
 def preload_prompt(aliases: list[str], run_id: str) -> dict[str, Any]:
@@ -82,8 +116,15 @@ def start_background_preload(service: MemKitService, entries: list[PreloadEntry]
     return True
 
 
-def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: str, *, read_files: bool) -> None:
-    """On a thread: optionally read the files ahead, then queue the ``MemKitPreload`` prompt of run ``run_id``."""
+def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: str, *, read_files: bool,
+                  warmup: dict[str, Any] | None = None) -> None:
+    """On a thread: optionally read the files ahead, queue the ``MemKitPreload`` prompt of run
+    ``run_id`` (when there are entries) and wait for it, then run the warm-up workflow.
+
+    The run always ends: if the preload prompt fails before its node reports, or is removed from
+    the queue, the entries it did not report are marked failed with the reason.
+    """
+    already_loaded = not read_files  # a blocking preload: the prompt only places the models
 
     def run() -> None:
         aliases = [entry_alias(e) for e in entries]
@@ -93,15 +134,62 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
                     warm_page_cache(service.recipe(entry.kind, entry.file_names(), entry.load_options()).paths)
                 except Exception as error:  # the build reports it, naming the entry
                     log.debug("[memkit] reading %s ahead failed: %s", entry_alias(entry), error)
-        service.preload.set_phase("queued")
-        try:
-            queue_prompt(preload_prompt(aliases, run_id))
-        except Exception as error:
-            reason = (f"not preloaded: could not queue the preload on ComfyUI's queue ({error}); "
-                      "it loads when a prompt first uses it")
-            log.error("[memkit] %s", reason)
-            for alias in aliases:
-                service.preload.entry_done(alias, reason)
+        if aliases:
+            service.preload.set_phase("queued")
+            try:
+                error = prompt_error(queue_prompt(preload_prompt(aliases, run_id)))
+            except Exception as failure:
+                error = f"could not queue it on ComfyUI's queue ({failure})"
+            if service.preload.owns(run_id):  # the node never reported (removed, refused, failed early)
+                what = "loaded, but not placed on the device" if already_loaded else "not preloaded"
+                reason = f"{what}: the preload prompt did not run ({error}); it loads when a prompt first uses it"
+                log.error("[memkit] %s", reason)
+                done = service.preload.snapshot()
+                for alias in aliases:
+                    if alias not in done.failures:
+                        service.preload.entry_done(alias, reason)
+                service.preload.finish()
+        else:
             service.preload.finish()
+        if warmup is not None:
+            run_warmup(service, warmup)
 
     threading.Thread(target=run, name="memkit-preload", daemon=True).start()
+
+
+_release_queued = threading.Event()
+
+
+def queue_release(service: MemKitService) -> None:
+    """After an eviction off the executing thread: queue one ``MemKitReleaseEvicted`` prompt (at most
+    one waits at a time) so the memory is freed without waiting for the next prompt."""
+    if not service.cache.releasing() or _release_queued.is_set():
+        return
+    _release_queued.set()
+
+    def run() -> None:
+        try:
+            error = prompt_error(queue_prompt({"1": {"class_type": "MemKitReleaseEvicted", "inputs": {}}}))
+            if error is not None:
+                log.warning("[memkit] releasing evicted models: %s; they are released with the next prompt", error)
+        except Exception as failure:
+            log.warning("[memkit] could not queue the release of evicted models (%s); they are released with "
+                        "the next prompt", failure)
+        finally:
+            _release_queued.clear()
+
+    threading.Thread(target=run, name="memkit-release", daemon=True).start()
+
+
+def run_warmup(service: MemKitService, workflow: dict[str, Any]) -> None:
+    """Queue the warm-up workflow behind the preload (ComfyUI's queue is first in, first out) and
+    wait for it: /memkit/ready turns 200 when it has run."""
+    try:
+        error = prompt_error(queue_prompt(workflow))
+    except Exception as failure:
+        error = str(failure)
+    if error is not None:
+        log.error("[memkit] %s: the warm-up workflow failed: %s", service.config.settings.warmup_workflow, error)
+    else:
+        log.info("[memkit] warm-up workflow done")
+    service.preload.warmup_finished(error)

@@ -6,6 +6,8 @@ The server runs the documented design example's settings: background preload wit
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from comfy_execution.graph_utils import GraphBuilder
@@ -101,8 +103,8 @@ def test_background_preload_reports_ready_and_names_the_failed_entry(server):
     assert states["e2e-missing"] == "failed"
     failed = next(e for e in status["entries"] if e["cache_key"] == "e2e-missing")
     assert "missing-vae.safetensors" in failed["error"]
-    assert status["preload"] == {"mode": "background", "phase": "done", "ready": True, "total": 5, "done": 5,
-                                 "failed": 1}
+    assert status["preload"] == {"mode": "background", "phase": "done", "state": "degraded", "ready": True,
+                                 "total": 5, "done": 5, "failed": 1, "warmup_error": None}
     assert "preloading e2e-missing failed" in server.log()
     assert "model_patches_models" not in server.log()
     ready = [e for e in status["entries"] if e["state"] == "ready"]
@@ -185,9 +187,22 @@ def test_routes_reject_a_body_that_is_not_json(server):
     assert server.get("/system_stats")  # and ComfyUI keeps serving
 
 
+def released_on_the_executing_thread(server) -> None:
+    """Evictions through the routes are let go by a MemKitReleaseEvicted prompt on ComfyUI's queue."""
+    deadline = time.monotonic() + 60
+    while any(e["state"] == "releasing" for e in server.get("/memkit/status")["entries"]):
+        assert time.monotonic() < deadline, "evicted models were never released"
+        time.sleep(0.1)
+    releases = [item for item in server.get("/history").values()
+                if [n["class_type"] for n in item["prompt"][2].values()] == ["MemKitReleaseEvicted"]]
+    assert releases
+    assert all(item["status"]["status_str"] == "success" for item in releases)
+
+
 def test_preload_route_reloads_an_evicted_entry(server):
     assert server.request("POST", "/memkit/evict", {"name": "memkit-sd-vae.safetensors"})[0] == 200
-    assert "e2e-sd-vae" not in entries(server)
+    assert entries(server).get("e2e-sd-vae", {}).get("state") in (None, "releasing")
+    released_on_the_executing_thread(server)
     status, answer = server.request("POST", "/memkit/preload", {"cache_keys": ["e2e-sd-vae"], "wait": True})
     assert status == 200
     assert answer["ready"] is True
@@ -198,8 +213,9 @@ def test_comfyui_free_drops_unpinned_entries_and_keeps_pinned_ones(server):
     assert "e2e-sd-vae" in entries(server)
     status, _ = server.request("POST", "/free", {"unload_models": True})
     assert status == 200
+    released_on_the_executing_thread(server)
     after = entries(server)
-    assert "e2e-sd-vae" not in after, "unpinned entries go"
+    assert after.get("e2e-sd-vae", {}).get("state") in (None, "evicted-held"), "unpinned entries go"
     assert after["e2e-sd15"]["state"] == "ready", "pinned entries stay"
 
 

@@ -183,6 +183,17 @@ def test_a_corrupt_file_gives_a_clear_error_and_leaves_the_cache_consistent(comf
     assert [e.alias for e in service.cache.entries()] == [f"vae:{SD_VAE}"]
 
 
+def test_a_failed_load_is_not_offered_by_the_selectors(comfy_host, make_service, scratch_models):
+    from comfyui_memkit.model_cache.service import ModelLoadError
+
+    service = make_service()
+    (scratch_models["vae"] / "memkit-broken.safetensors").write_bytes(b"\x00not a model" * 10)
+    with pytest.raises(ModelLoadError):
+        service.checkout(ModelKind.VAE, ["memkit-broken.safetensors"])
+    service.checkout(ModelKind.VAE, [SD_VAE])
+    assert list(service.aliases.known(ModelKind.VAE)) == [f"vae:{SD_VAE}"]
+
+
 def test_a_missing_name_names_the_folder(comfy_host, make_service):
     from comfyui_memkit.model_cache.service import ModelNotFoundError
 

@@ -42,28 +42,47 @@ def test_a_prompt_waiting_for_another_threads_load_honours_comfyui_interrupt(com
 
 
 def test_a_wait_off_the_executing_thread_ignores_a_prompt_interrupt(comfy_host, make_service):
-    """An interrupt is for the running prompt; a blocking preload must not give up because of it."""
+    """An interrupt is for the running prompt; a start-up preload waiting for a load must not give up."""
     import comfy.model_management as mm
 
-    from comfyui_memkit.model_cache.comfy_models import LoadedValue
+    from comfyui_memkit.model_cache import comfy_models
 
     service = make_service()
     recipe = service.recipe(ModelKind.VAE, [SD_VAE], {})
+    alias = f"vae:{SD_VAE}"
     started, release = threading.Event(), threading.Event()
-    owner = threading.Thread(target=lambda: service.cache.get_or_load(
-        recipe, lambda: (started.set(), release.wait(30), LoadedValue(()))[2], alias="vae:sd"))
+
+    def slow_real_load():
+        started.set()
+        assert release.wait(30)
+        return comfy_models.load(ModelKind.VAE, [SD_VAE], {})
+
+    owner = threading.Thread(target=lambda: service.cache.get_or_load(recipe, slow_real_load, alias=alias))
     owner.start()
     assert started.wait(30)
     mm.interrupt_current_processing(True)
-    result = {}
-    waiter = threading.Thread(target=lambda: result.setdefault(
-        "outcome", service.cache.get_or_load(recipe, lambda: LoadedValue(()), alias="vae:sd")))
+    result, errors = {}, []
+
+    def wait_off_thread():
+        try:
+            result["outcome"] = service.request(ModelKind.VAE, [SD_VAE], executing_thread=False)
+        except BaseException as error:
+            errors.append(error)
+
+    waiter = threading.Thread(target=wait_off_thread)
     waiter.start()
-    release.set()
-    waiter.join(30)
-    owner.join(30)
-    mm.interrupt_current_processing(False)
+    try:
+        while service.cache.loading() != [(alias, 1)]:  # the waiter is inside the wait, interrupt pending
+            assert waiter.is_alive(), errors
+    finally:
+        release.set()
+        waiter.join(60)
+        owner.join(60)
+        interrupted = mm.processing_interrupted()
+        mm.interrupt_current_processing(False)
+    assert errors == []
     assert result["outcome"].hit
+    assert interrupted, "the interrupt was left for the prompt it was meant for"
 
 
 class BrokenSchemaNode:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import gc
 import sys
 import threading
+import weakref
 
 import pytest
 
 from comfyui_memkit.model_cache.aliases import AliasRegistry
-from comfyui_memkit.model_cache.cache import Footprint, LoadWaitInterruptedError, ModelCache
+from comfyui_memkit.model_cache.cache import CacheLoadError, Footprint, LoadWaitInterruptedError, ModelCache
 from comfyui_memkit.model_cache.preload import PreloadState
 from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
 
@@ -210,11 +211,11 @@ def test_the_alias_registry_can_be_read_while_a_thread_writes_it(frequent_thread
 
 def test_preload_progress_can_be_read_while_the_preload_writes_it(frequent_thread_switches):
     state = PreloadState("background")
-    assert state.begin(20000, "loading")
+    assert state.begin(2000, "loading")
     errors, done = [], threading.Event()
 
     def write():
-        for index in range(20000):
+        for index in range(2000):
             state.entry_done(f"m{index}", "boom" if index % 2 else None)
         state.finish()
         done.set()
@@ -230,4 +231,80 @@ def test_preload_progress_can_be_read_while_the_preload_writes_it(frequent_threa
     writer.join(30)
     assert errors == []
     final = state.snapshot()
-    assert (final.done, len(final.failures), final.ready) == (20000, 10000, True)
+    assert (final.done, len(final.failures), final.ready) == (2000, 1000, True)
+
+
+def test_an_eviction_off_the_executing_thread_holds_the_value_until_released():
+    """Dropping the last reference runs ComfyUI's finalizers: only the executing thread may do it."""
+    cache = make_cache()
+    cache.get_or_load(recipe("a"), lambda: Value(100), alias="a")
+    assert cache.evict("a", defer=True) == ["a"]
+    assert cache.entries() == []
+    (held,) = cache.releasing()
+    probe = weakref.ref(held.value)
+    del held
+    gc.collect()
+    assert probe() is not None, "still held: nothing was finalized on the evicting thread"
+    assert cache.release_deferred() == ["a"]
+    gc.collect()
+    assert probe() is None, "released on the thread that called release_deferred"
+    assert cache.releasing() == []
+
+
+def test_a_request_for_an_entry_waiting_for_release_takes_it_back_without_loading():
+    cache = make_cache()
+    first = cache.get_or_load(recipe("a"), lambda: Value(100), alias="a").value
+    cache.clear(defer=True)
+    loads = []
+    again = cache.get_or_load(recipe("a"), lambda: loads.append(1) or Value(100), alias="a")
+    assert (again.value is first, again.hit, loads) == (True, True, [])
+    assert cache.release_deferred() == []
+
+
+def test_waiters_wake_up_when_making_room_after_the_load_fails():
+    measured = []
+
+    def measure(value):  # the second measurement (re-measuring before eviction) fails
+        measured.append(value)
+        if measured.count("flaky") > 1:
+            raise RuntimeError("cannot measure again")
+        return Footprint(10)
+
+    cache = ModelCache(measure=measure, budget_bytes=1000, wait_poll_seconds=0.01)
+    started, release = threading.Event(), threading.Event()
+    owner_error, waiter_error = {}, {}
+
+    def own():
+        try:
+            cache.get_or_load(recipe("a"), blocking_load("flaky", started, release), alias="a")
+        except RuntimeError as error:
+            owner_error["e"] = error
+
+    def wait():
+        try:
+            cache.get_or_load(recipe("a"), lambda: "never", alias="a")
+        except CacheLoadError as error:
+            waiter_error["e"] = error
+
+    owner = start(own)
+    assert started.wait(10)
+    waiter = start(wait)
+    while cache.loading() != [("a", 1)]:  # the waiter is inside the wait
+        assert waiter.is_alive()
+    release.set()
+    owner.join(10)
+    waiter.join(10)
+    assert not waiter.is_alive(), "the waiter must not wait for ever"
+    assert "cannot measure again" in str(owner_error["e"])
+    assert "cannot measure again" in str(waiter_error["e"])
+    assert cache.loading() == []
+
+
+def test_pressure_release_keeps_what_the_running_prompt_uses():
+    cache = make_cache()
+    cache.get_or_load(recipe("old"), lambda: Value(1), alias="old", use_token="p1")
+    cache.get_or_load(recipe("current"), lambda: Value(1), alias="current", use_token="p1")
+    cache.touch(recipe("current").key, use_token="p2")
+    released = cache.release_unpinned(lambda: False, keep=lambda e: e.last_use_token == "p2")
+    assert released == ["old"]
+    assert [e.alias for e in cache.entries()] == ["current"]

@@ -28,7 +28,7 @@ def parse(models=None, settings=None, **top) -> object:
 def test_the_shipped_config_is_valid_and_preloads_nothing_by_default():
     config = parse_config(PACKAGE_CONFIG.read_text(), CHOICES, source="preload_config.json")
     assert config.problems == []
-    assert len(config.entries) == 4
+    assert len(config.entries) == 5
     assert config.enabled_entries() == []
 
 
@@ -130,3 +130,49 @@ def test_names_inside_model_folders_are_accepted(name):
 def test_names_that_leave_model_folders_are_rejected(name):
     with pytest.raises(ValueError, match=r"\S"):
         check_model_name(name)
+
+
+def test_three_text_encoders_cannot_ask_for_a_device():
+    config = parse({"text_encoders": [{"clip_names": ["l.safetensors", "g.safetensors", "t5.safetensors"],
+                                       "type": "stable_diffusion", "device": "cpu", "cache_key": "sd3"}]})
+    (problem,) = config.problems
+    assert problem.startswith("cfg.json: models.text_encoders[0] (cache_key 'sd3'): field 'device': three text "
+                              "encoders load through ComfyUI's TripleCLIPLoader, which has no device input")
+
+
+WARMUP_API = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (None, "cannot read"),
+    ("{nope", "is not valid JSON (line 1"),
+    (json.dumps({"nodes": [], "links": []}), "is a UI-format workflow (as the page saves it); save it with "
+                                             "'Export (API)' instead"),
+    (json.dumps({"1": {"inputs": {}}}), "is not an API-format workflow"),
+    (json.dumps([1, 2]), "is not an API-format workflow"),
+])
+def test_a_bad_warmup_workflow_is_one_problem_naming_the_field_and_the_rest_still_loads(tmp_path, content, reason):
+    if content is not None:
+        (tmp_path / "warmup.json").write_text(content)
+    path = tmp_path / "preload_config.json"
+    path.write_text(json.dumps({"settings": {"warmup_workflow": "warmup.json"},
+                                "models": {"vaes": [{"vae_name": "ae.safetensors"}]}}))
+    config = load_config(path, CHOICES)
+    (problem,) = config.problems
+    assert problem.startswith(f"{path}: field 'settings.warmup_workflow': ")
+    assert reason in problem
+    assert problem.endswith("; no warm-up")
+    assert config.warmup_prompt is None
+    assert len(config.enabled_entries()) == 1
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["api", "prompt-body"])
+def test_a_warmup_workflow_is_read_relative_to_the_config(tmp_path, wrapped):
+    (tmp_path / "warm").mkdir()
+    body = {"prompt": WARMUP_API} if wrapped else WARMUP_API
+    (tmp_path / "warm" / "w.json").write_text(json.dumps(body))
+    path = tmp_path / "preload_config.json"
+    path.write_text(json.dumps({"settings": {"warmup_workflow": "warm/w.json"}}))
+    config = load_config(path, CHOICES)
+    assert config.problems == []
+    assert config.warmup_prompt == WARMUP_API
