@@ -15,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
+import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,10 +37,11 @@ class LoadedValue:
     holds one of our clones.
     """
 
-    __slots__ = ("__weakref__", "parts")
+    __slots__ = ("__weakref__", "key", "parts")
 
-    def __init__(self, parts: tuple[Any, ...]) -> None:
+    def __init__(self, parts: tuple[Any, ...], key: str | None = None) -> None:
         self.parts = parts
+        self.key = key  # the recipe key, once cached: what a text encoder's outputs are keyed on
 
 
 # --- host choices ----------------------------------------------------------------------------
@@ -172,6 +176,62 @@ def clone(value: LoadedValue) -> tuple[Any, ...]:
                 with contextlib.suppress(AttributeError):  # __slots__: it just does not keep value alive
                     holder._memkit_origin = value
     return clones
+
+
+# --- text encoder identity -------------------------------------------------------------------
+
+_object_tokens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _object_token(module: Any) -> str:
+    """A name for a live object that is never reused by another one (``id()`` can be)."""
+    token = _object_tokens.get(module)
+    if token is None:
+        token = _object_tokens[module] = uuid.uuid4().hex
+    return token
+
+
+def encoder_identity(clip: Any) -> tuple[str, bool] | None:
+    """What determines a CLIP's outputs for a given text, as (identity, stable across restarts).
+
+    Stable: a MemKit text encoder (its recipe key: files, their identity, type, device) with no
+    patches, plus its clip layer, tokenizer options, load device and ComfyUI version. A CLIP from
+    elsewhere gets a name for this process only (RAM cache). None (never cached): patches (LoRA),
+    hooks, scheduled encoding or model options, whose effect MemKit does not try to key.
+    """
+    patcher = getattr(clip, "patcher", None)
+    model = getattr(clip, "cond_stage_model", None)
+    if patcher is None or model is None:
+        return None
+    if (getattr(clip, "apply_hooks_to_conds", None) or getattr(clip, "use_clip_schedule", False)
+            or getattr(patcher, "hook_patches", None) or getattr(patcher, "forced_hooks", None)
+            or patcher.patches or getattr(patcher, "object_patches", None)
+            or patcher.model_options != {"transformer_options": {}}):
+        return None
+    origin = _origin_of(clip)
+    ours = origin is not None and any(getattr(part, "cond_stage_model", None) is model for part in origin.parts)
+    key = getattr(origin, "key", None) if ours else None
+    base = f"memkit:{key}" if key else f"object:{_object_token(model)}"
+    options = json.dumps(getattr(clip, "tokenizer_options", {}), sort_keys=True, default=repr)
+    identity = json.dumps([base, repr(getattr(clip, "layer_idx", None)), options, str(patcher.load_device),
+                           comfy_version()])
+    return identity, key is not None
+
+
+def _origin_of(clip: Any) -> LoadedValue | None:
+    """The cached value a CLIP comes from: ours, or reached through ComfyUI's clones of it
+    (``CLIP.clone`` clones the patcher, whose ``parent`` leads back to the one we handed out)."""
+    origin = getattr(clip, "_memkit_origin", None)
+    patcher, seen = getattr(clip, "patcher", None), 0
+    while origin is None and patcher is not None and seen < 64:
+        origin = getattr(patcher, "_memkit_origin", None)
+        patcher, seen = getattr(patcher, "parent", None), seen + 1
+    return origin
+
+
+def encode_text(clip: Any, text: str) -> list:
+    """ComfyUI's own CLIPTextEncode, so a miss is exactly what that node returns."""
+    return call_node("CLIPTextEncode", clip=clip, text=text)[0]
 
 
 # --- measuring and placing -------------------------------------------------------------------

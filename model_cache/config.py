@@ -164,6 +164,8 @@ class Settings(BaseModel):
     ram_budget_gb: float | None = Field(default=None, gt=0)
     hash_contents: bool = False
     warmup_workflow: str | None = None
+    conditioning_ram_gb: float = Field(default=1.0, ge=0)
+    conditioning_disk_gb: float = Field(default=2.0, ge=0)
 
 
 class _TopLevel(BaseModel):

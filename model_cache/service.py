@@ -12,6 +12,7 @@ import gc
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,6 +20,7 @@ import psutil
 from . import comfy_models
 from .aliases import AliasRegistry, entry_alias
 from .cache import LoadOutcome, LoadWaitInterruptedError, ModelCache
+from .conditioning import Conditioning, ConditioningCache, conditioning_key
 from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config
 from .preload import PreloadState
 from .recipe import FileIdentityReader, LoadRecipe, ModelKind
@@ -55,6 +57,11 @@ class MemKitService:
         self.aliases = AliasRegistry(config.enabled_entries())
         expected = bool(config.warmup_prompt) or (settings.preload_mode != "off" and bool(config.enabled_entries()))
         self.preload = PreloadState(mode=settings.preload_mode, expected=expected)
+        user = comfy_models.user_directory()
+        self.conditioning = ConditioningCache(
+            ram_bytes=int(settings.conditioning_ram_gb * 2**30),
+            disk_dir=Path(user) / "memkit" / "conditioning" if user else None,
+            disk_bytes=int(settings.conditioning_disk_gb * 2**30))
 
     # --- loading --------------------------------------------------------------------------
 
@@ -88,6 +95,7 @@ class MemKitService:
                                      f"{error}") from error
             if comfy_models.is_empty(value):
                 raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths)}")
+            value.key = recipe.key
             return value
 
         try:
@@ -136,6 +144,23 @@ class MemKitService:
         if known is None:
             return f"unknown:{alias}"
         return self.fingerprint(kind, list(known.names), dict(known.options), use_token=use_token)
+
+    # --- conditioning ---------------------------------------------------------------------
+
+    def encode(self, clip: Any, text: str) -> Conditioning:
+        """CLIPTextEncode's output for (this encoder, this text), from the conditioning cache when it
+        has it (executing thread: a miss runs the encoder)."""
+        identity = comfy_models.encoder_identity(clip)
+        if identity is None:
+            return comfy_models.encode_text(clip, text)
+        name, stable = identity
+        key = conditioning_key(name, text)
+        found = self.conditioning.get(key, disk=stable)
+        if found is not None:
+            return found
+        encoded = comfy_models.encode_text(clip, text)
+        self.conditioning.put(key, encoded, disk=stable)
+        return encoded
 
     # --- memory ---------------------------------------------------------------------------
 

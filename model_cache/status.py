@@ -53,6 +53,7 @@ def build_status(service: MemKitService) -> dict[str, Any]:
         "preload": {"mode": preload.mode, "phase": preload.phase, "state": preload.state, "ready": preload.ready,
                     "total": preload.total, "done": preload.done, "failed": len(preload.failures),
                     "warmup_error": preload.warmup_error},
+        "conditioning": service.conditioning.report(),
         "config": {"path": str(service.config.path) if service.config.path else None,
                    "problems": list(service.config.problems)},
     }

@@ -44,6 +44,10 @@ def format_table(status: dict[str, Any]) -> str:
                     if totals["evicted_held_ram_bytes"] else "")
                  + f"; loads {totals['loads']}, evictions {totals['evictions']}; preload {preload['mode']}: "
                  + f"{preload['done']}/{preload['total']} done, {preload['failed']} failed")
+    c = status["conditioning"]
+    lines.append(f"conditioning cache: {c['ram_entries']} in RAM ({c['ram_bytes'] / 2**20:.1f} MB), {c['disk_files']} "
+                 f"on disk ({c['disk_bytes'] / 2**20:.1f} MB); hits {c['ram_hits']} RAM, {c['disk_hits']} disk; "
+                 f"misses {c['misses']}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from ..model_cache.service import MemKitService, get_service
 
 log = logging.getLogger("memkit")
 
-NODE_MODULES = ("cached_loaders", "selectors", "cache_info", "preload", "tiled_decode")
+NODE_MODULES = ("cached_loaders", "selectors", "cache_info", "preload", "conditioning", "tiled_decode")
 
 
 def _import_node_module(name: str) -> ModuleType | None:

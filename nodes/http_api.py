@@ -133,6 +133,8 @@ async def free_memory_observer(request: web.Request, handler):
             service = get_service()
             dropped = service.clear(False, executing_thread=False)
             queue_release(service)
+            if body.get("free_memory"):
+                service.conditioning.clear_ram()  # plain tensors: no ComfyUI clean-up runs on dropping them
             log.info("[memkit] /free evicted %d unpinned cache entries", len(dropped))
     return response
 

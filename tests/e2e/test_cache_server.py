@@ -18,7 +18,8 @@ pytestmark = pytest.mark.e2e
 SD15 = "memkit-sd15.safetensors"
 NODE_IDS = ["MemKitCheckpointLoader", "MemKitTextEncoderLoader", "MemKitDiffusionModelLoader", "MemKitVAELoader",
             "MemKitCheckpointSelector", "MemKitTextEncoderSelector", "MemKitDiffusionModelSelector",
-            "MemKitVAESelector", "MemKitCacheInfo", "MemKitCacheStatus", "MemKitPreload", "MemKitTiledVAEDecode"]
+            "MemKitVAESelector", "MemKitCacheInfo", "MemKitCacheStatus", "MemKitPreload", "MemKitTiledVAEDecode",
+            "MemKitReleaseEvicted", "MemKitTextEncode"]
 CONFIG = {
     "checkpoints": [{"name": SD15, "cache_key": "e2e-sd15"}],
     "text_encoders": [{"clip_names": ["memkit-clip-l.safetensors"], "type": "stable_diffusion"}],
@@ -39,7 +40,8 @@ def entries(server) -> dict[str, dict]:
     return {e["cache_key"]: e for e in server.get("/memkit/status")["entries"]}
 
 
-def sd15_image_prompt(loader: str, lora: bool = False, seed: int = 7, patch_in_place: bool = False) -> dict:
+def sd15_image_prompt(loader: str, lora: bool = False, seed: int = 7, patch_in_place: bool = False,
+                      encoder: str = "CLIPTextEncode") -> dict:
     graph = GraphBuilder()
     if loader == "selector":
         ckpt = graph.node("MemKitCheckpointSelector", cache_key="e2e-sd15")
@@ -56,14 +58,15 @@ def sd15_image_prompt(loader: str, lora: bool = False, seed: int = 7, patch_in_p
         patched = graph.node("MemKitTestPatchInPlace", model=model, clip=clip)
         model, clip = patched.out(0), patched.out(1)
         graph.node("PreviewAny", source=patched.out(2))
-    positive = graph.node("CLIPTextEncode", clip=clip, text="a lighthouse at dusk")
-    negative = graph.node("CLIPTextEncode", clip=clip, text="")
+    positive = graph.node(encoder, clip=clip, text="a lighthouse at dusk")
+    negative = graph.node(encoder, clip=clip, text="")
     latent = graph.node("EmptyLatentImage", width=64, height=64, batch_size=1)
     sampled = graph.node("KSampler", model=model, positive=positive.out(0), negative=negative.out(0),
                          latent_image=latent.out(0), seed=seed, steps=2, cfg=5.0, sampler_name="euler",
                          scheduler="normal", denoise=1.0)
     decoded = graph.node("VAEDecode", samples=sampled.out(0), vae=ckpt.out(2))
-    graph.node("SaveImage", images=decoded.out(0), filename_prefix=f"e2e_{loader}_{int(lora)}_{int(patch_in_place)}")
+    prefix = f"e2e_{loader}_{int(lora)}_{int(patch_in_place)}_{encoder}"
+    graph.node("SaveImage", images=decoded.out(0), filename_prefix=prefix)
     return graph.finalize()
 
 
@@ -226,3 +229,28 @@ def test_clear_route_keeps_pinned_unless_asked(server):
     status, answer = server.request("POST", "/memkit/clear", {"include_pinned": True})
     assert "e2e-sd15" in answer["evicted"]
     assert server.get("/memkit/status")["totals"]["entries"] == 0
+
+
+@pytest.mark.slow
+def test_memkit_text_encode_gives_clip_text_encodes_image_and_a_repeat_skips_the_encoder(server):
+    reference = saved_pixels(server, server.run_prompt(sd15_image_prompt("memkit", seed=11)))
+    prompt = sd15_image_prompt("memkit", seed=11, encoder="MemKitTextEncode")
+    ours = saved_pixels(server, server.run_prompt(prompt))
+    assert np.array_equal(ours, reference)
+    before = server.get("/memkit/status")["conditioning"]
+    assert (before["misses"], before["disk_files"]) == (2, 2), "two texts, encoded once each, kept on disk too"
+    # (last in this module: /free evicts what the tests above use)
+    # ComfyUI's own cache answers a repeat; free it (and our RAM copies) so the node runs again
+    assert server.request("POST", "/free", {"free_memory": True})[0] == 200
+    wait_until(lambda: server.get("/memkit/status")["conditioning"]["ram_entries"] == 0)
+    again = saved_pixels(server, server.run_prompt(prompt))
+    assert np.array_equal(again, reference)
+    after = server.get("/memkit/status")["conditioning"]
+    assert (after["misses"], after["disk_hits"]) == (2, before["disk_hits"] + 2)
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

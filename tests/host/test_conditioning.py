@@ -1,0 +1,106 @@
+"""MemKitTextEncode against ComfyUI's CLIPTextEncode, with real (seeded) text encoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_memkit.model_cache.recipe import ModelKind
+
+CLIP_L = "memkit-clip-l.safetensors"
+TEXT = "a red fox in the snow, golden hour"
+
+
+@pytest.fixture
+def user_dir(comfy_host, tmp_path):
+    before = comfy_host.folder_paths.get_user_directory()
+    comfy_host.folder_paths.set_user_directory(str(tmp_path))
+    yield tmp_path
+    comfy_host.folder_paths.set_user_directory(before)
+
+
+def encode(clip, text=TEXT):
+    from comfyui_memkit.nodes.conditioning import MemKitTextEncode
+
+    return MemKitTextEncode.execute(clip, text).result[0]
+
+
+def reference(comfy_host, clip, text=TEXT):
+    return comfy_host.nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def assert_same(ours, theirs):
+    assert len(ours) == len(theirs)
+    for (cond_a, extras_a), (cond_b, extras_b) in zip(ours, theirs):
+        assert torch.equal(cond_a, cond_b)
+        assert extras_a.keys() == extras_b.keys()
+        for name in extras_a:
+            if isinstance(extras_a[name], torch.Tensor):
+                assert torch.equal(extras_a[name], extras_b[name])
+            else:
+                assert extras_a[name] == extras_b[name]
+
+
+def memkit_clip(service):
+    return service.checkout(ModelKind.TEXT_ENCODER, [CLIP_L], {"type": "stable_diffusion", "device": "default"})[0]
+
+
+def test_the_output_is_clip_text_encode_bit_for_bit_and_a_repeat_is_a_ram_hit(comfy_host, make_service, user_dir):
+    service = make_service()
+    clip = memkit_clip(service)
+    first = encode(clip)
+    assert_same(first, reference(comfy_host, clip))
+    assert_same(encode(memkit_clip(service)), first)
+    report = service.conditioning.report()
+    assert (report["misses"], report["ram_hits"]) == (1, 1)
+
+
+def test_a_memkit_encoder_is_cached_on_disk_and_hit_after_a_restart(comfy_host, make_service, user_dir):
+    first = encode(memkit_clip(make_service()))
+    files = list((user_dir / "memkit" / "conditioning").glob("*.safetensors"))
+    assert len(files) == 1
+    service = make_service()  # a restart: new RAM cache, same user directory
+    again = encode(memkit_clip(service))
+    assert_same(again, first)
+    assert service.conditioning.report()["disk_hits"] == 1
+
+
+@pytest.mark.parametrize("source", ["memkit", "comfyui"])
+def test_encoder_variants_never_get_each_others_embeddings(comfy_host, make_service, user_dir, source):
+    """The same weights with another clip layer (CLIPSetLastLayer) are another encoder."""
+    service = make_service()
+    plain = (memkit_clip(service) if source == "memkit"
+             else comfy_host.nodes.CLIPLoader().load_clip(CLIP_L, "stable_diffusion")[0])
+    (last_layer,) = comfy_host.nodes.CLIPSetLastLayer().set_last_layer(plain, -2)
+    assert last_layer.cond_stage_model is plain.cond_stage_model, "same weights: only the layer differs"
+    plain_out, layer_out = encode(plain), encode(last_layer)
+    assert not torch.equal(plain_out[0][0], layer_out[0][0])
+    assert_same(layer_out, reference(comfy_host, last_layer))
+    assert_same(encode(plain), reference(comfy_host, plain))
+    assert service.conditioning.report()["misses"] == 2
+    disk = len(list((user_dir / "memkit" / "conditioning").glob("*.safetensors")))
+    assert disk == (2 if source == "memkit" else 0), "a MemKit encoder stays stable through ComfyUI's clone"
+
+
+def test_a_patched_encoder_is_always_encoded_anew(comfy_host, make_service, user_dir):
+    service = make_service()
+    patched = memkit_clip(service)
+    key = next(k for k in patched.get_sd() if k.endswith("token_embedding.weight"))
+    patched.add_patches({key: (torch.ones_like(patched.get_sd()[key]),)}, strength_patch=2.0)  # a LoRA's role
+    out = encode(patched)
+    assert_same(out, reference(comfy_host, patched))
+    assert not torch.equal(out[0][0], encode(memkit_clip(service))[0][0])
+    report = service.conditioning.report()
+    assert (report["ram_entries"], report["misses"]) == (1, 1), "only the unpatched encoder was cached"
+
+
+def test_an_encoder_from_comfyuis_own_loader_is_cached_in_ram_only(comfy_host, make_service, user_dir):
+    service = make_service()
+    clip = comfy_host.nodes.CLIPLoader().load_clip(CLIP_L, "stable_diffusion")[0]
+    assert_same(encode(clip), reference(comfy_host, clip))
+    assert_same(encode(clip), reference(comfy_host, clip))
+    report = service.conditioning.report()
+    assert (report["ram_hits"], report["disk_files"]) == (1, 0)
+    other = comfy_host.nodes.CLIPLoader().load_clip(CLIP_L, "stable_diffusion")[0]
+    encode(other)
+    assert service.conditioning.report()["misses"] == 2, "another encoder object is another identity"
