@@ -282,9 +282,13 @@ class ModelCache:
         # lives on (a clone keeps it), remember it weakly so that status and re-adoption see it.
         entry = self._entries.pop(key, None)
         if entry is not None and retire:
-            with contextlib.suppress(TypeError):  # a value that cannot be weakly referenced is just dropped
-                self._retired[key] = RetiredEntry(entry.recipe, entry.alias, entry.footprint, weakref.ref(entry.value))
+            self._retire(entry)
         return entry
+
+    def _retire(self, entry: CacheEntry) -> None:
+        with contextlib.suppress(TypeError):  # a value that cannot be weakly referenced is just dropped
+            self._retired[entry.key] = RetiredEntry(entry.recipe, entry.alias, entry.footprint,
+                                                    weakref.ref(entry.value))
 
     def _evict(self, victims: list[CacheEntry], defer: bool) -> list[str]:
         for entry in victims:
@@ -310,21 +314,20 @@ class ModelCache:
             released = list(self._releasing.values())
             self._releasing.clear()
             for entry in released:
-                with contextlib.suppress(TypeError):
-                    self._retired[entry.key] = RetiredEntry(entry.recipe, entry.alias, entry.footprint,
-                                                            weakref.ref(entry.value))
+                self._retire(entry)
         aliases = [e.alias for e in released]
         del released  # the last references, dropped here, on the caller's thread
         return aliases
 
     def release_unpinned(self, enough: Callable[[], bool], keep: Callable[[CacheEntry], bool] = lambda e: False,
                          ) -> list[str]:
-        """Evict unpinned entries (not ``keep``), least recently used first, until ``enough()``."""
+        """Evict unpinned entries (not ``keep``), least recently used first, asking ``enough()`` after
+        each one. The caller has already found that memory is short."""
         released = []
         with self._lock:
             candidates = sorted((e for e in self._entries.values() if not e.pinned and not keep(e)),
                                 key=lambda e: e.last_used)
-        while candidates and not enough():
+        while candidates:
             entry = candidates.pop(0)  # no reference is left behind here, so ``enough`` sees it freed
             with self._lock:
                 if self._entries.get(entry.key) is entry:
@@ -332,6 +335,8 @@ class ModelCache:
                     self.evictions += 1
                     released.append(entry.alias)
             del entry
+            if enough():
+                break
         return released
 
     # --- inspection -----------------------------------------------------------------------

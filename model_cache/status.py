@@ -6,7 +6,13 @@ from typing import Any
 
 from . import comfy_models
 from .cache import Footprint, RetiredEntry
+from .recipe import LoadRecipe
 from .service import MemKitService
+
+
+def _describe(alias: str, recipe: LoadRecipe, footprint: Footprint, state: str) -> dict[str, Any]:
+    return {"cache_key": alias, "kind": recipe.kind.value, "key": recipe.key, "files": list(recipe.paths),
+            "ram_bytes": footprint.ram, "vram_bytes": footprint.vram, "state": state}
 
 
 def _measure_now(retired: RetiredEntry) -> Footprint:
@@ -24,23 +30,15 @@ def build_status(service: MemKitService) -> dict[str, Any]:
     cache = service.cache
     total = cache.footprint()
     entries: list[dict[str, Any]] = [
-        {
-            "cache_key": e.alias, "kind": e.recipe.kind.value, "key": e.key, "files": list(e.recipe.paths),
-            "options": dict(e.recipe.options), "bytes": e.footprint.ram, "ram_bytes": e.footprint.ram,
-            "vram_bytes": e.footprint.vram, "device": comfy_models.devices(e.value), "hits": e.hits,
-            "uses": e.uses, "load_seconds": round(e.load_seconds, 3), "pinned": e.pinned, "state": "ready",
-        }
+        {**_describe(e.alias, e.recipe, e.footprint, "ready"), "options": dict(e.recipe.options),
+         "bytes": e.footprint.ram, "device": comfy_models.devices(e.value), "hits": e.hits, "uses": e.uses,
+         "load_seconds": round(e.load_seconds, 3), "pinned": e.pinned}
         for e in cache.entries()
     ]
     entries += [{"cache_key": alias, "state": "loading", "waiting": waiting} for alias, waiting in cache.loading()]
-    entries += [{"cache_key": e.alias, "kind": e.recipe.kind.value, "key": e.key, "files": list(e.recipe.paths),
-                 "ram_bytes": e.footprint.ram, "vram_bytes": e.footprint.vram, "state": "releasing"}
-                for e in cache.releasing()]
-    retired = cache.retired()
-    held = [(r, _measure_now(r)) for r in retired]
-    entries += [{"cache_key": r.alias, "kind": r.recipe.kind.value, "key": r.key, "files": list(r.recipe.paths),
-                 "ram_bytes": fp.ram, "vram_bytes": fp.vram, "state": "evicted-held"}
-                for r, fp in held]
+    entries += [_describe(e.alias, e.recipe, e.footprint, "releasing") for e in cache.releasing()]
+    held = [(r, _measure_now(r)) for r in cache.retired()]
+    entries += [_describe(r.alias, r.recipe, fp, "evicted-held") for r, fp in held]
     preload = service.preload.snapshot()
     entries += [{"cache_key": alias, "state": "failed", "error": error} for alias, error in preload.failures.items()]
     return {
