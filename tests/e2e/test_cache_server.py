@@ -193,13 +193,18 @@ def test_routes_reject_a_body_that_is_not_json(server):
 def released_on_the_executing_thread(server) -> None:
     """Evictions through the routes are let go by a MemKitReleaseEvicted prompt on ComfyUI's queue."""
     deadline = time.monotonic() + 60
-    while any(e["state"] == "releasing" for e in server.get("/memkit/status")["entries"]):
+
+    def releases() -> list:
+        return [item for item in server.get("/history").values()
+                if [n["class_type"] for n in item["prompt"][2].values()] == ["MemKitReleaseEvicted"]]
+
+    # the node clears "releasing" before ComfyUI records its prompt in the history: wait for both
+    while (any(e["state"] == "releasing" for e in server.get("/memkit/status")["entries"])
+           or not releases()):
         assert time.monotonic() < deadline, "evicted models were never released"
         time.sleep(0.1)
-    releases = [item for item in server.get("/history").values()
-                if [n["class_type"] for n in item["prompt"][2].values()] == ["MemKitReleaseEvicted"]]
-    assert releases
-    assert all(item["status"]["status_str"] == "success" for item in releases)
+    assert releases()
+    assert all(item["status"]["status_str"] == "success" for item in releases())
 
 
 def test_preload_route_reloads_an_evicted_entry(server):
