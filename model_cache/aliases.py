@@ -8,6 +8,7 @@ the nodes while the preload writes it, hence the lock.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 
@@ -16,7 +17,11 @@ from .recipe import ModelKind
 
 
 def default_alias(kind: ModelKind, names: list[str] | tuple[str, ...], options: dict[str, str]) -> str:
-    """``kind:file[+file][opt=value,...]`` with the names as ComfyUI lists them; defaults left out."""
+    """``kind:file[+file][opt=value,...]`` with the names as ComfyUI lists them; defaults left out.
+    A node load reads ``node:NodeId(input=value,...)``."""
+    if kind is ModelKind.NODE:
+        inputs = json.loads(options.get("inputs", "{}"))
+        return f"node:{options.get('node', '?')}(" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items())) + ")"
     shown = [f"{k}={v}" for k, v in sorted(options.items()) if v not in ("default", "")]
     return f"{kind.value}:{'+'.join(names)}" + (f"[{','.join(shown)}]" if shown else "")
 

@@ -52,7 +52,8 @@ def _node_class(node_id: str) -> type:
     try:
         return nodes.NODE_CLASS_MAPPINGS[node_id]
     except KeyError:
-        raise RuntimeError(f"ComfyUI has no node {node_id!r} (is it an older or newer ComfyUI?)") from None
+        raise RuntimeError(f"ComfyUI has no node {node_id!r} (not in this ComfyUI version, or the node pack "
+                           "that provides it is not installed or failed to load)") from None
 
 
 def _input_options(node_id: str, section: str, name: str) -> tuple[str, ...]:
@@ -99,6 +100,36 @@ def resolve(kind: ModelKind, name: str) -> str | None:
     return folder_paths.get_full_path(kind.folder, name)
 
 
+def node_input_types(node_id: str) -> dict[str, Any]:
+    """A node's inputs as ``INPUT_TYPES()`` gives them (V3 nodes have the same view in ComfyUI)."""
+    return _node_class(node_id).INPUT_TYPES()
+
+
+def node_output_types(node_id: str) -> tuple[str, ...]:
+    return tuple(str(t) for t in _node_class(node_id).RETURN_TYPES)
+
+
+SKIPPED_FOLDERS = ("custom_nodes", "configs")
+
+
+def node_model_files(inputs: dict[str, Any]) -> list[str]:
+    """The model files a loader's inputs name: every string input that is a file in one of ComfyUI's
+    model folders (their identity on disk is part of the cache key, so a replaced file reloads)."""
+    import folder_paths
+
+    found: set[str] = set()
+    for value in inputs.values():
+        if not isinstance(value, str) or not value:
+            continue
+        for folder in folder_paths.folder_names_and_paths:
+            if folder in SKIPPED_FOLDERS or value not in folder_paths.get_filename_list(folder):
+                continue
+            path = folder_paths.get_full_path(folder, value)
+            if path is not None:
+                found.add(path)
+    return sorted(found)
+
+
 def user_directory() -> str | None:
     import folder_paths
 
@@ -126,6 +157,8 @@ def load(kind: ModelKind, names: list[str], options: dict[str, str]) -> LoadedVa
         parts = call_node("UNETLoader", unet_name=names[0], weight_dtype=options.get("weight_dtype", "default"))[:1]
     elif kind is ModelKind.VAE:
         parts = call_node("VAELoader", vae_name=names[0])[:1]
+    elif kind is ModelKind.NODE:
+        parts = call_node(options["node"], **json.loads(options["inputs"]))
     else:
         parts = _load_text_encoders(names, options)
     return LoadedValue(tuple(parts))
@@ -161,6 +194,13 @@ def _clone_part(part: Any) -> Any:
         twin.patcher = part.patcher.clone()
         return twin
     return part
+
+
+def shared_parts(value: LoadedValue) -> list[str]:
+    """The types of the parts that cannot be cloned: every prompt gets the cached object itself."""
+    return [type(part).__name__ for part in value.parts
+            if part is not None and not hasattr(part, "clone") and not hasattr(part, "patcher")
+            and not isinstance(part, str | int | float | bool)]
 
 
 def clone(value: LoadedValue) -> tuple[Any, ...]:
@@ -229,6 +269,19 @@ def _origin_of(clip: Any) -> LoadedValue | None:
     return origin
 
 
+def text_encoder_placement(device: str) -> tuple[str, str]:
+    """The device and dtype CLIPLoader would give a text encoder loaded with this ``device`` input,
+    found without loading it (a conditioning cached by file name is reused only for the same)."""
+    import comfy.model_management as mm
+
+    load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
+    return str(load_device), str(mm.text_encoder_dtype(load_device))
+
+
+def clip_load_device(clip: Any) -> str:
+    return str(clip.patcher.load_device)
+
+
 def encode_text(clip: Any, text: str) -> list:
     """ComfyUI's own CLIPTextEncode, so a miss is exactly what that node returns."""
     return call_node("CLIPTextEncode", clip=clip, text=text)[0]
@@ -237,6 +290,8 @@ def encode_text(clip: Any, text: str) -> list:
 # --- measuring and placing -------------------------------------------------------------------
 
 def _module_of(part: Any) -> torch.nn.Module | None:
+    if isinstance(part, torch.nn.Module):
+        return part
     for attribute in ("model", "cond_stage_model", "first_stage_model"):
         module = getattr(part, attribute, None)
         if isinstance(module, torch.nn.Module):
@@ -250,6 +305,8 @@ def _tensors(value: LoadedValue) -> Iterable[torch.Tensor]:
         if module is not None:
             yield from module.parameters()
             yield from module.buffers()
+        elif part is not None and hasattr(part, "__dict__"):  # another loader's object: its own tensors
+            yield from (v for v in vars(part).values() if isinstance(v, torch.Tensor))
 
 
 def footprint(value: LoadedValue) -> Footprint:
@@ -299,6 +356,58 @@ def place_on_device(value: LoadedValue) -> None:
     import comfy.model_management
 
     comfy.model_management.load_models_gpu(patchers(value))
+
+
+# --- attention --------------------------------------------------------------------------------
+
+ATTENTION_MODES = ("default", "sdpa", "sage")
+OVERRIDE_KEY = "optimized_attention_override"  # read by comfy.ldm.modules.attention.wrap_attn
+
+
+def attention_function(mode: str) -> tuple[Any, str | None]:
+    """ComfyUI's attention function for a mode (None: ComfyUI's default), and why a mode the user
+    chose cannot be had here (sage needs the optional ``sageattention`` package and a CUDA device)."""
+    import comfy.ldm.modules.attention as attention
+
+    if mode == "sdpa":
+        return attention.attention_pytorch, None
+    if mode == "sage":
+        if not getattr(attention, "SAGE_ATTENTION_IS_AVAILABLE", False):
+            return None, "the sageattention package is not installed (pip install sageattention)"
+        if not torch.cuda.is_available():
+            return None, "SageAttention needs a CUDA device"
+        return attention.attention_sage, None
+    if mode != "default":
+        return None, f"unknown attention mode {mode!r} (one of {', '.join(ATTENTION_MODES)})"
+    return None, None
+
+
+class AttentionOverride:
+    """The override ComfyUI calls instead of its attention backend: ``(func, *args, **kwargs)``,
+    where ``func`` is the backend ComfyUI chose. A class (not a closure) so that the model options
+    it sits in can be deep-copied and compared, and status can name it."""
+
+    def __init__(self, mode: str, function: Any) -> None:
+        self.mode, self.function = mode, function
+
+    def __call__(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> AttentionOverride:
+        return self
+
+    def __repr__(self) -> str:
+        return f"memkit attention {self.mode}"
+
+
+def set_attention(model: Any, mode: str) -> str | None:
+    """Make a MODEL clone run ``mode``'s attention (through ComfyUI's transformer options).
+    Returns why it stays on ComfyUI's default, when it does."""
+    function, unavailable = attention_function(mode)
+    if function is not None:
+        options = model.model_options.setdefault("transformer_options", {})
+        options[OVERRIDE_KEY] = AttentionOverride(mode, function)
+    return unavailable
 
 
 # --- the executing thread --------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from .node_inputs import canonical_inputs
 from .recipe import ModelKind
 
 log = logging.getLogger("memkit.config")
@@ -147,12 +148,37 @@ class VAEEntry(_Entry):
         return [self.vae_name]
 
 
+WidgetValue = str | int | float | bool
+
+
+class NodeEntry(_Entry):
+    """Any other loader node (audio encoders, CLIP vision, upscalers, third-party loaders), called
+    by its node id with these widget values. The node may come from a pack ComfyUI loads after
+    MemKit, so the inputs are checked against its schema when it is loaded (on the executing
+    thread), not here; a problem then fails the entry, naming the field."""
+
+    kind: ClassVar[ModelKind] = ModelKind.NODE
+    node: str = Field(min_length=1)
+    inputs: dict[str, WidgetValue] = {}
+
+    def file_names(self) -> list[str]:
+        return []  # found among the inputs once the node's schema is known
+
+    def load_options(self) -> dict[str, str]:
+        return node_load_options(self.node, self.inputs)
+
+
+def node_load_options(node_id: str, inputs: dict[str, object]) -> dict[str, str]:
+    """How a node load is written into a recipe's options (and so into its cache key)."""
+    return {"node": node_id, "inputs": canonical_inputs(inputs)}
+
+
 ENTRY_TYPES: dict[str, type[_Entry]] = {
     entry_type.kind.section: entry_type
-    for entry_type in (CheckpointEntry, TextEncoderEntry, DiffusionModelEntry, VAEEntry)
+    for entry_type in (CheckpointEntry, TextEncoderEntry, DiffusionModelEntry, VAEEntry, NodeEntry)
 }
 
-PreloadEntry = CheckpointEntry | TextEncoderEntry | DiffusionModelEntry | VAEEntry
+PreloadEntry = CheckpointEntry | TextEncoderEntry | DiffusionModelEntry | VAEEntry | NodeEntry
 
 
 class Settings(BaseModel):
@@ -174,7 +200,7 @@ class _TopLevel(BaseModel):
     version: int = 1
     description: str = ""
     settings: Settings = Settings()
-    models: dict[Literal["checkpoints", "text_encoders", "diffusion_models", "vaes"], list[Any]] = {}
+    models: dict[Literal["checkpoints", "text_encoders", "diffusion_models", "vaes", "nodes"], list[Any]] = {}
 
 
 @dataclass

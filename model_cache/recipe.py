@@ -20,11 +20,13 @@ class ModelKind(str, Enum):
     TEXT_ENCODER = "text_encoder"
     DIFFUSION_MODEL = "diffusion_model"
     VAE = "vae"
+    NODE = "node"  # any other loader node, called by its node id (its files are found among its inputs)
 
     @property
     def folder(self) -> str:
-        """ComfyUI's model folder name for this kind (the one place it is written)."""
-        return _FOLDERS[self]
+        """ComfyUI's model folder name for this kind (the one place it is written); "" for NODE,
+        whose files may come from any folder."""
+        return _FOLDERS.get(self, "")
 
     @property
     def section(self) -> str:
@@ -35,7 +37,8 @@ class ModelKind(str, Enum):
 _FOLDERS = {ModelKind.CHECKPOINT: "checkpoints", ModelKind.TEXT_ENCODER: "text_encoders",
             ModelKind.DIFFUSION_MODEL: "diffusion_models", ModelKind.VAE: "vae"}
 _SECTIONS = {ModelKind.CHECKPOINT: "checkpoints", ModelKind.TEXT_ENCODER: "text_encoders",
-             ModelKind.DIFFUSION_MODEL: "diffusion_models", ModelKind.VAE: "vaes"}
+             ModelKind.DIFFUSION_MODEL: "diffusion_models", ModelKind.VAE: "vaes",
+             ModelKind.NODE: "nodes"}
 
 
 @dataclass(frozen=True)

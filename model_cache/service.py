@@ -9,6 +9,7 @@ ComfyUI's interrupt.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -21,7 +22,8 @@ from . import comfy_models
 from .aliases import AliasRegistry, entry_alias
 from .cache import LoadOutcome, LoadWaitInterruptedError, ModelCache
 from .conditioning import Conditioning, ConditioningCache, conditioning_key
-from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config
+from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config, node_load_options
+from .node_inputs import NodeInputsError, check_node_inputs
 from .preload import PreloadState
 from .recipe import FileIdentityReader, LoadRecipe, ModelKind
 
@@ -37,6 +39,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 class ModelLoadError(RuntimeError):
     """ComfyUI could not load a model file (corrupt, truncated, not a model it knows)."""
+
+
+class NodeLoadError(ValueError):
+    """A node load that cannot be made: no such node, or inputs that do not fit its schema."""
 
 
 def host_choices() -> HostChoices:
@@ -66,6 +72,8 @@ class MemKitService:
     # --- loading --------------------------------------------------------------------------
 
     def recipe(self, kind: ModelKind, names: list[str], options: dict[str, str]) -> LoadRecipe:
+        if kind is ModelKind.NODE:
+            return self._node_recipe(options)
         paths = []
         for name in names:
             path = comfy_models.resolve(kind, name)
@@ -74,6 +82,18 @@ class MemKitService:
                                          "model folders")
             paths.append(path)
         return LoadRecipe.build(kind, paths, options, self.identities)
+
+    def _node_recipe(self, options: dict[str, str]) -> LoadRecipe:
+        """A node load: its inputs checked against the node's schema (defaults filled in), its
+        files found among them. Raises NodeLoadError naming the node and every bad field."""
+        node_id = options.get("node", "")
+        try:
+            inputs = check_node_inputs(node_id, comfy_models.node_input_types(node_id),
+                                       json.loads(options.get("inputs", "{}")))
+        except (NodeInputsError, RuntimeError) as error:
+            raise NodeLoadError(f"{node_id}: {error}") from None
+        return LoadRecipe.build(ModelKind.NODE, comfy_models.node_model_files(inputs),
+                                node_load_options(node_id, inputs), self.identities)
 
     def request(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
                 alias: str | None = None, pinned: bool = False, use_token: object = None,
@@ -88,13 +108,13 @@ class MemKitService:
         alias = alias or self.aliases.alias_for(kind, names, options)
 
         def load() -> comfy_models.LoadedValue:
-            try:
-                value = comfy_models.load(kind, names, options)
+            try:  # a node load runs with its checked inputs (defaults filled in)
+                value = comfy_models.load(kind, names, dict(recipe.options) if kind is ModelKind.NODE else options)
             except Exception as error:
-                raise ModelLoadError(f"could not load {kind.value} {alias} from {', '.join(recipe.paths)}: "
-                                     f"{error}") from error
+                source = ", ".join(recipe.paths) or dict(recipe.options).get("node", "?")
+                raise ModelLoadError(f"could not load {kind.value} {alias} from {source}: {error}") from error
             if comfy_models.is_empty(value):
-                raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths)}")
+                raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths) or alias}")
             value.key = recipe.key
             return value
 
@@ -134,7 +154,7 @@ class MemKitService:
         """
         try:
             key = self.recipe(kind, names, options or {}).key
-        except (ModelNotFoundError, OSError) as error:
+        except (ModelNotFoundError, NodeLoadError, OSError) as error:
             return f"missing:{error}"
         self.cache.touch(key, use_token)
         return key
@@ -160,6 +180,27 @@ class MemKitService:
             return found
         encoded = comfy_models.encode_text(clip, text)
         self.conditioning.put(key, encoded, disk=stable)
+        return encoded
+
+    def encode_by_name(self, names: list[str], options: dict[str, str], text: str, *,
+                       use_token: object = None) -> Conditioning:
+        """CLIPTextEncode's output for the text encoder these files make, without loading the
+        encoder when the conditioning is cached (RAM or disk). Executing thread: a miss loads the
+        encoder through the cache (and caches it), then encodes.
+
+        The key is the encoder's recipe (files and their identity on disk, type, device option),
+        the device and dtype ComfyUI would load it with, ComfyUI's version and the exact text.
+        """
+        recipe = self.recipe(ModelKind.TEXT_ENCODER, names, options)
+        device, dtype = comfy_models.text_encoder_placement(options.get("device", "default"))
+        key = conditioning_key(json.dumps(["by-name", recipe.key, device, dtype, comfy_models.comfy_version()]), text)
+        found = self.conditioning.get(key, disk=True)
+        if found is not None:
+            return found
+        clip = self.checkout(ModelKind.TEXT_ENCODER, names, options, use_token=use_token)[0]
+        encoded = comfy_models.encode_text(clip, text)
+        # on disk only when the encoder really is where it was predicted to be (else: RAM, this run)
+        self.conditioning.put(key, encoded, disk=comfy_models.clip_load_device(clip) == device)
         return encoded
 
     # --- memory ---------------------------------------------------------------------------

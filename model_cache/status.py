@@ -32,7 +32,8 @@ def build_status(service: MemKitService) -> dict[str, Any]:
     entries: list[dict[str, Any]] = [
         {**_describe(e.alias, e.recipe, e.footprint, "ready"), "options": dict(e.recipe.options),
          "bytes": e.footprint.ram, "device": comfy_models.devices(e.value), "hits": e.hits, "uses": e.uses,
-         "load_seconds": round(e.load_seconds, 3), "pinned": e.pinned}
+         "load_seconds": round(e.load_seconds, 3), "pinned": e.pinned,
+         "shared": comfy_models.shared_parts(e.value)}
         for e in cache.entries()
     ]
     entries += [{"cache_key": alias, "state": "loading", "waiting": waiting} for alias, waiting in cache.loading()]

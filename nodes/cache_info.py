@@ -13,7 +13,7 @@ from ..model_cache.status import build_status
 
 CATEGORY = "memkit/cache"
 COLUMNS = ("cache_key", "kind", "file", "options", "RAM MB", "VRAM MB", "device", "hits", "uses", "load s", "pinned",
-           "state")
+           "shared", "state")
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
@@ -25,6 +25,7 @@ def _row(entry: dict[str, Any]) -> tuple[str, ...]:
     return (entry["cache_key"], entry.get("kind", "-"), files, options, megabytes("ram_bytes"), megabytes("vram_bytes"),
             entry.get("device", "-"), str(entry.get("hits", "-")), str(entry.get("uses", "-")),
             str(entry.get("load_seconds", "-")), str(entry.get("pinned", "-")),
+            ", ".join(entry.get("shared", [])) or "-",
             entry["state"] + (f": {entry['error']}" if "error" in entry else ""))
 
 

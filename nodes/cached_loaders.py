@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import comfy.utils
@@ -11,6 +12,8 @@ from ..model_cache import comfy_models
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import MemKitService, get_service
 from .comfy_runtime import prompt_token, ram_headroom_gb
+
+log = logging.getLogger("memkit")
 
 CATEGORY = "memkit/loaders"
 NONE = comfy_models.NONE_NAME
@@ -70,45 +73,54 @@ class MemKitCheckpointLoader(io.ComfyNode):
         return io.NodeOutput(*checkout(ModelKind.CHECKPOINT, [ckpt_name]))
 
 
+def text_encoder_inputs() -> list[io.Input]:
+    """The inputs of ComfyUI's CLIP loaders (one to three files, type, device), shared by the nodes
+    that name text encoders."""
+    names = comfy_models.file_choices(ModelKind.TEXT_ENCODER)
+    return [
+        io.Combo.Input("clip_name1", options=names, tooltip="The first text encoder file."),
+        io.Combo.Input("clip_name2", options=[NONE, *names], default=NONE, optional=True,
+                       tooltip="A second text encoder (e.g. CLIP-G for SDXL, T5 for Flux), or none."),
+        io.Combo.Input("clip_name3", options=[NONE, *names], default=NONE, optional=True,
+                       tooltip="A third text encoder (e.g. T5 for SD3), or none."),
+        io.Combo.Input("type", options=list(comfy_models.clip_types()),
+                       tooltip="The model family the encoders are for, as in ComfyUI's CLIP loaders."),
+        io.Combo.Input("device", options=list(comfy_models.clip_devices()), default="default",
+                       optional=True, tooltip="'cpu' keeps the text encoders on the CPU."),
+    ]
+
+
+def text_encoder_request(clip_name1: str | None, clip_name2: str | None, clip_name3: str | None, type: str,
+                         device: str) -> tuple[list[str | None], dict[str, str]]:
+    """The file names (none left out) and load options of a text-encoder node's inputs."""
+    names = [n for n in (clip_name1, clip_name2, clip_name3) if n != NONE and n != ""]
+    return names, {"type": type, "device": device}
+
+
 class MemKitTextEncoderLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        names = comfy_models.file_choices(ModelKind.TEXT_ENCODER)
         return io.Schema(
             node_id="MemKitTextEncoderLoader",
             display_name="Load Text Encoders (MemKit cached)",
             category=CATEGORY,
             description="Loads one, two or three text encoders like Load CLIP / DualCLIPLoader / "
                         "TripleCLIPLoader, from the MemKit cache.",
-            inputs=[
-                io.Combo.Input("clip_name1", options=names, tooltip="The first text encoder file."),
-                io.Combo.Input("clip_name2", options=[NONE, *names], default=NONE, optional=True,
-                               tooltip="A second text encoder (e.g. CLIP-G for SDXL, T5 for Flux), or none."),
-                io.Combo.Input("clip_name3", options=[NONE, *names], default=NONE, optional=True,
-                               tooltip="A third text encoder (e.g. T5 for SD3), or none."),
-                io.Combo.Input("type", options=list(comfy_models.clip_types()),
-                               tooltip="The model family the encoders are for, as in ComfyUI's CLIP loaders."),
-                io.Combo.Input("device", options=list(comfy_models.clip_devices()), default="default",
-                               optional=True, tooltip="'cpu' keeps the text encoders on the CPU."),
-            ],
+            inputs=text_encoder_inputs(),
             outputs=[io.Clip.Output()],
         )
-
-    @staticmethod
-    def _names(clip_name1: str | None, clip_name2: str | None, clip_name3: str | None) -> list[str | None]:
-        return [n for n in (clip_name1, clip_name2, clip_name3) if n != NONE and n != ""]
 
     @classmethod
     def fingerprint_inputs(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
                            device: str = "default") -> str:
-        return fingerprint(ModelKind.TEXT_ENCODER, cls._names(clip_name1, clip_name2, clip_name3),
-                           {"type": type, "device": device})
+        return fingerprint(ModelKind.TEXT_ENCODER, *text_encoder_request(clip_name1, clip_name2, clip_name3, type,
+                                                                         device))
 
     @classmethod
     def execute(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
                 device: str = "default") -> io.NodeOutput:
-        names = cls._names(clip_name1, clip_name2, clip_name3)
-        return io.NodeOutput(*checkout(ModelKind.TEXT_ENCODER, names, {"type": type, "device": device}))
+        return io.NodeOutput(*checkout(ModelKind.TEXT_ENCODER, *text_encoder_request(clip_name1, clip_name2,
+                                                                                     clip_name3, type, device)))
 
 
 class MemKitDiffusionModelLoader(io.ComfyNode):
@@ -118,23 +130,45 @@ class MemKitDiffusionModelLoader(io.ComfyNode):
             node_id="MemKitDiffusionModelLoader",
             display_name="Load Diffusion Model (MemKit cached)",
             category=CATEGORY,
-            description="Loads a diffusion model like Load Diffusion Model (UNETLoader), from the MemKit cache.",
+            description="Loads a diffusion model like Load Diffusion Model (UNETLoader), from the MemKit cache, "
+                        "optionally with another attention implementation.",
             inputs=[
                 io.Combo.Input("unet_name", options=comfy_models.file_choices(ModelKind.DIFFUSION_MODEL),
                                tooltip="The diffusion model file, from ComfyUI's diffusion_models folders."),
                 io.Combo.Input("weight_dtype", options=list(comfy_models.weight_dtypes()),
                                tooltip="Weight storage type; fp8 halves memory at some quality cost."),
+                io.Combo.Input("attention_mode", options=list(comfy_models.ATTENTION_MODES), default="default",
+                               optional=True,
+                               tooltip="default: what ComfyUI chose at start-up. sdpa: PyTorch's "
+                                       "scaled_dot_product_attention. sage: SageAttention (needs the optional "
+                                       "sageattention package and a CUDA GPU; otherwise a warning and the "
+                                       "default). Applied to this model only; the weights are shared."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, unet_name: str, weight_dtype: str) -> str:
-        return fingerprint(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
+    def fingerprint_inputs(cls, unet_name: str, weight_dtype: str, attention_mode: str = "default") -> str:
+        key = fingerprint(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
+        return key if attention_mode == "default" else f"{key}+attention={attention_mode}"
 
     @classmethod
-    def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
-        return io.NodeOutput(*checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype}))
+    def execute(cls, unet_name: str, weight_dtype: str, attention_mode: str = "default") -> io.NodeOutput:
+        model, = checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
+        apply_attention(model, attention_mode)
+        return io.NodeOutput(model)
+
+
+def apply_attention(model: object, mode: str) -> None:
+    """Set the attention mode on a MODEL clone; an unavailable one is one warning per reason."""
+    unavailable = comfy_models.set_attention(model, mode)
+    if unavailable and unavailable not in _warned:
+        _warned.add(unavailable)
+        log.warning("[memkit] attention_mode %r is not available (%s); using ComfyUI's default attention",
+                    mode, unavailable)
+
+
+_warned: set[str] = set()
 
 
 class MemKitVAELoader(io.ComfyNode):

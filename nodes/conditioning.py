@@ -1,10 +1,16 @@
-"""MemKitTextEncode: CLIPTextEncode with its outputs cached (logic in model_cache/conditioning.py)."""
+"""CLIPTextEncode with its outputs cached (logic in model_cache/conditioning.py and service.py).
+
+``MemKitTextEncode`` takes a CLIP like CLIPTextEncode; ``MemKitTextEncodeByName`` takes the text
+encoder's files instead, so a cached conditioning is returned without loading the encoder at all.
+"""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
+from .cached_loaders import NONE, hand_out, text_encoder_inputs, text_encoder_request
 
 
 class MemKitTextEncode(io.ComfyNode):
@@ -32,4 +38,38 @@ class MemKitTextEncode(io.ComfyNode):
         return io.NodeOutput(get_service().encode(clip, text))
 
 
-NODES = [MemKitTextEncode]
+class MemKitTextEncodeByName(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MemKitTextEncodeByName",
+            display_name="Text Encode by Encoder Name (MemKit cached)",
+            category="memkit/conditioning",
+            description="Encodes a prompt with the text encoder these files make, exactly as Load CLIP + CLIP Text "
+                        "Encode would. When this text was encoded before with the same files (in RAM, or on disk "
+                        "from an earlier run), the encoder is not loaded at all: for a 5-11 GB umt5-xxl that is "
+                        "the whole load time. On a miss the encoder loads through the MemKit cache.",
+            inputs=[*text_encoder_inputs(),
+                    io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The text to encode.")],
+            outputs=[io.Conditioning.Output(tooltip="The same conditioning CLIP Text Encode returns.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, clip_name1: str, type: str, text: str, clip_name2: str = NONE,
+                           clip_name3: str = NONE, device: str = "default") -> str:
+        """The encoder files' identity: a file replaced on disk re-runs the node."""
+        names, options = text_encoder_request(clip_name1, clip_name2, clip_name3, type, device)
+        try:
+            return get_service().recipe(ModelKind.TEXT_ENCODER, names, options).key
+        except (OSError, ValueError) as error:
+            return f"missing:{error}"
+
+    @classmethod
+    def execute(cls, clip_name1: str, type: str, text: str, clip_name2: str = NONE, clip_name3: str = NONE,
+                device: str = "default") -> io.NodeOutput:
+        names, options = text_encoder_request(clip_name1, clip_name2, clip_name3, type, device)
+        encoded, = hand_out(lambda service, token: (service.encode_by_name(names, options, text, use_token=token),))
+        return io.NodeOutput(encoded)
+
+
+NODES = [MemKitTextEncode, MemKitTextEncodeByName]

@@ -16,11 +16,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..model_cache import comfy_models
 from ..model_cache.aliases import entry_alias
+from ..model_cache.recipe import ModelKind
 from ..model_cache.service import MemKitService, get_service
 
 log = logging.getLogger("memkit")
 
-NODE_MODULES = ("cached_loaders", "selectors", "cache_info", "preload", "conditioning", "tiled_decode")
+NODE_MODULES = ("cached_loaders", "selectors", "cached_node", "cache_info", "preload", "conditioning", "tiled_decode")
 
 
 def _import_node_module(name: str) -> ModuleType | None:
@@ -82,10 +83,14 @@ def start_preload(service: MemKitService) -> None:
         queue_preload(service, entries, run_id, read_files=True, warmup=warmup)
         return
     service.preload.begin(len(entries), "loading", run_id=run_id, warmup=warmup is not None)
-    failures = service.preload_entries(entries, executing_thread=False, on_entry=service.preload.entry_done)
-    to_place = [e for e in entries if entry_alias(e) not in failures] if settings.auto_gpu_load else []
-    if to_place or warmup is not None:
-        queue_preload(service, to_place, run_id, read_files=False, warmup=warmup)  # on the executing thread
+    # Other loader nodes run arbitrary code (and may come from packs ComfyUI loads after this one):
+    # they are always built on the executing thread, by the queued prompt.
+    core = [e for e in entries if e.kind is not ModelKind.NODE]
+    failures = service.preload_entries(core, executing_thread=False, on_entry=service.preload.entry_done)
+    to_place = [e for e in core if entry_alias(e) not in failures] if settings.auto_gpu_load else []
+    to_queue = to_place + [e for e in entries if e.kind is ModelKind.NODE]
+    if to_queue or warmup is not None:
+        queue_preload(service, to_queue, run_id, read_files=False, warmup=warmup)  # on the executing thread
     else:
         service.preload.finish()
 

@@ -21,6 +21,7 @@ from typing import Any
 from ..model_cache.aliases import entry_alias
 from ..model_cache.config import PreloadEntry
 from ..model_cache.preload import warm_page_cache
+from ..model_cache.recipe import ModelKind
 from ..model_cache.service import MemKitService
 
 log = logging.getLogger("memkit.preload")
@@ -141,13 +142,15 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
             except Exception as failure:
                 error = f"could not queue it on ComfyUI's queue ({failure})"
             if service.preload.owns(run_id):  # the node never reported (removed, refused, failed early)
-                what = "loaded, but not placed on the device" if already_loaded else "not preloaded"
-                reason = f"{what}: the preload prompt did not run ({error}); it loads when a prompt first uses it"
-                log.error("[memkit] %s", reason)
+                log.error("[memkit] the preload prompt did not run (%s); its entries load when a prompt first "
+                          "uses them", error)
                 done = service.preload.snapshot()
-                for alias in aliases:
+                for entry, alias in zip(entries, aliases):
+                    built = already_loaded and entry.kind is not ModelKind.NODE  # loaded before ComfyUI ran
+                    what = "loaded, but not placed on the device" if built else "not preloaded"
                     if alias not in done.failures:
-                        service.preload.entry_done(alias, reason)
+                        service.preload.entry_done(alias, f"{what}: the preload prompt did not run ({error}); it "
+                                                          "loads when a prompt first uses it")
                 service.preload.finish()
         else:
             service.preload.finish()

@@ -156,14 +156,14 @@ def prepare_run_base(models: Path) -> Path:
 def cmd_setup(_args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core"])
+    models = ensure_fixtures(python, comfyui, ["core", "loaders"])
     log.info("python %s\ncomfyui %s\nmodels %s", python, comfyui, models)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core"])
+    models = ensure_fixtures(python, comfyui, ["core", "loaders"])
     base = prepare_run_base(models)
     env = host_env(comfyui)
     env.setdefault("MEMKIT_PRELOAD_CONFIG", str(REPO / "scripts" / "demo_preload_config.json"))
@@ -179,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core"])
+    models = ensure_fixtures(python, comfyui, ["core", "loaders"])
     env = host_env(comfyui, MEMKIT_MODELS=str(models), MEMKIT_PYTHON_HOST=str(python))
     cmd = [str(python), "-m", "pytest", *(["-m", "not slow"] if args.fast else []), *args.pytest]
     _run([python, "-m", "ruff", "check", str(REPO)], cwd=REPO)
@@ -189,7 +189,7 @@ def cmd_test(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core", "bench"])
+    models = ensure_fixtures(python, comfyui, ["core", "loaders", "bench"])
     env = host_env(comfyui, MEMKIT_MODELS=str(models), MEMKIT_PYTHON_HOST=str(python))
     _run([python, str(REPO / "benchmarks" / "run.py"), *args.only], cwd=REPO, env=env)
 

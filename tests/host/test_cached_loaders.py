@@ -294,3 +294,59 @@ def test_preload_entries_place_blocking_loads_once_comfyui_runs(comfy_host, make
     assert seen == ["vae", "dm", "missing"]
     assert service.cache.loads == 2
     assert len(_loaded_patchers()) == 2
+
+
+def _sample(comfy_host, model):
+    """One step of ComfyUI's own sampler on a tiny Wan latent (cfg 1: the positive prompt only)."""
+    context = torch.randn((1, 8, 4096), generator=torch.Generator().manual_seed(11))
+    latent = {"samples": torch.zeros((1, 16, 1, 8, 8))}
+    out = comfy_host.nodes.common_ksampler(model, 3, 1, 1.0, "euler", "simple", [[context, {}]], [[context, {}]],
+                                           latent)[0]["samples"]
+    assert torch.isfinite(out).all()
+    return out
+
+
+def _attention_ops(comfy_host, model):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = _sample(comfy_host, model)
+    return out, {event.key for event in profile.key_averages()}
+
+
+def test_attention_mode_patches_the_clone_only_and_is_used_when_sampling(comfy_host, make_service, caplog):
+    from comfyui_memkit.model_cache.comfy_models import OVERRIDE_KEY
+
+    service = make_service()
+    loaders, _ = _nodes()
+    default = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default").result[0]
+    sdpa = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default", attention_mode="sdpa").result[0]
+    assert service.cache.loads == 1, "attention modes share the cached weights"
+    assert OVERRIDE_KEY in sdpa.model_options["transformer_options"]
+    cached = service.cache.entries()[0].value.parts[0]
+    assert OVERRIDE_KEY not in cached.model_options.get("transformer_options", {})
+    assert OVERRIDE_KEY not in default.model_options.get("transformer_options", {})
+    default_out, default_ops = _attention_ops(comfy_host, default)
+    sdpa_out, sdpa_ops = _attention_ops(comfy_host, sdpa)
+    assert "aten::scaled_dot_product_attention" in sdpa_ops
+    assert "aten::scaled_dot_product_attention" not in default_ops, "ComfyUI's CPU default is another backend"
+    assert torch.allclose(sdpa_out, default_out, atol=1e-3, rtol=1e-3)
+    assert (loaders.MemKitDiffusionModelLoader.fingerprint_inputs(WAN_DM, "default", "sdpa")
+            != loaders.MemKitDiffusionModelLoader.fingerprint_inputs(WAN_DM, "default"))
+
+
+def test_sage_attention_where_it_is_unavailable_warns_once_and_uses_the_default(comfy_host, make_service, caplog):
+    import comfy.ldm.modules.attention as attention
+
+    if attention.SAGE_ATTENTION_IS_AVAILABLE and torch.cuda.is_available():
+        pytest.skip("SageAttention is available here")
+    make_service()
+    loaders, _ = _nodes()
+    loaders._warned.clear()  # a fresh process's state
+    default = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default").result[0]
+    with caplog.at_level("WARNING", logger="memkit"):
+        sage = loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default", attention_mode="sage").result[0]
+        loaders.MemKitDiffusionModelLoader.execute(WAN_DM, "default", attention_mode="sage")
+    warnings = [r.getMessage() for r in caplog.records if "attention_mode 'sage'" in r.getMessage()]
+    assert len(warnings) == 1, "one line, not one per prompt"
+    assert "not available (the sageattention package is not installed" in warnings[0] or "CUDA" in warnings[0]
+    assert "using ComfyUI's default attention" in warnings[0]
+    assert torch.equal(_sample(comfy_host, sage), _sample(comfy_host, default))

@@ -104,3 +104,55 @@ def test_an_encoder_from_comfyuis_own_loader_is_cached_in_ram_only(comfy_host, m
     other = comfy_host.nodes.CLIPLoader().load_clip(CLIP_L, "stable_diffusion")[0]
     encode(other)
     assert service.conditioning.report()["misses"] == 2, "another encoder object is another identity"
+
+
+def by_name(text=TEXT, clip_name1=CLIP_L, clip_name2="none", type="stable_diffusion", device="default"):
+    from comfyui_memkit.nodes.conditioning import MemKitTextEncodeByName
+
+    return MemKitTextEncodeByName.execute(clip_name1=clip_name1, type=type, text=text, clip_name2=clip_name2,
+                                          device=device).result[0]
+
+
+def test_by_name_is_clip_text_encode_and_a_repeat_never_loads_the_encoder(comfy_host, make_service, user_dir):
+    service = make_service()
+    first = by_name()
+    theirs = comfy_host.nodes.CLIPLoader().load_clip(CLIP_L, "stable_diffusion")[0]
+    assert_same(first, reference(comfy_host, theirs))
+    assert service.cache.loads == 1, "a miss loads the encoder through the cache"
+    service.clear(include_pinned=True, executing_thread=True)
+    assert service.cache.entries() == []
+    assert_same(by_name(), first)
+    assert service.cache.loads == 1, "a RAM hit loads nothing"
+    restarted = make_service()  # a restart: empty model and RAM caches, the same user directory
+    assert_same(by_name(), first)
+    assert restarted.cache.loads == 0, "a disk hit loads nothing either"
+    assert restarted.conditioning.report()["disk_hits"] == 1
+
+
+def test_by_name_keys_on_the_files_their_identity_type_device_and_text(comfy_host, make_service, user_dir,
+                                                                      scratch_models):
+    import os
+    import shutil
+
+    service = make_service()
+    base = by_name()
+    assert not torch.equal(by_name("another text")[0][0], base[0][0])
+    on_cpu = by_name(device="cpu")
+    assert_same(on_cpu, base)  # this machine's default device is the CPU: same numbers, separate entry
+    dual = by_name(clip_name2="memkit-clip-g.safetensors", type="sdxl")
+    assert dual[0][0].shape[-1] == 768 + 1280
+    assert service.conditioning.report()["misses"] == 4
+    own = scratch_models["text_encoders"] / "memkit-scratch-clip-l.safetensors"
+    shutil.copy(comfy_host.models / "text_encoders" / CLIP_L, own)
+    by_name(clip_name1=own.name)
+    stat = own.stat()
+    os.utime(own, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # replaced on disk
+    misses = service.conditioning.report()["misses"]
+    by_name(clip_name1=own.name)
+    assert service.conditioning.report()["misses"] == misses + 1, "a changed file is a new encoder"
+
+
+def test_by_name_with_a_missing_file_names_the_folder(comfy_host, make_service, user_dir):
+    make_service()
+    with pytest.raises(FileNotFoundError, match=r"'nope\.safetensors' is not a file in ComfyUI's 'text_encoders'"):
+        by_name(clip_name1="nope.safetensors")

@@ -3,9 +3,32 @@
 ``MemKitTestPatchInPlace`` does what careless third-party nodes do: it patches the MODEL and CLIP
 it is given *in place* (no clone) with a strong weight patch and a model_options change. If a
 cached loader handed out its cached object, the next prompt would inherit the patch.
+
+``MemKitTestThirdPartyLoader`` mimics a third-party loader: it registers its own model folder
+(``memkit_test_models``, .safetensors) at import and returns a custom type, ``MEMKIT_TEST_MODEL``,
+an object without a ``clone`` method that records which load produced it.
+``MemKitTestUseModel`` is an output node that consumes it and reports the weight's sum, the
+object's id and its load number, so tests can tell a fresh load from a shared object.
 """
 
+import os
+
+import comfy.utils
+import folder_paths
 import torch
+
+TEST_MODELS_FOLDER = "memkit_test_models"
+
+
+def _register_test_models_folder() -> None:
+    """The e2e servers' extra_model_paths.yaml (read before custom nodes are imported) may already
+    have added the folder, with no extension filter; keep its paths, filter on .safetensors."""
+    paths, extensions = folder_paths.folder_names_and_paths.get(TEST_MODELS_FOLDER, ([], set()))
+    folder_paths.folder_names_and_paths[TEST_MODELS_FOLDER] = (paths, set(extensions) | {".safetensors"})
+    folder_paths.add_model_folder_path(TEST_MODELS_FOLDER, os.path.join(folder_paths.models_dir, TEST_MODELS_FOLDER))
+
+
+_register_test_models_folder()
 
 
 class MemKitTestPatchInPlace:
@@ -30,4 +53,57 @@ class MemKitTestPatchInPlace:
         return (model, clip, f"memkit handed out: {handed}")
 
 
-NODE_CLASS_MAPPINGS = {"MemKitTestPatchInPlace": MemKitTestPatchInPlace}
+class MemKitTestModel:
+    """What a third-party loader might return: a plain object, no ``clone``."""
+
+    loads = 0  # loads in this process, over all instances
+
+    def __init__(self, weight: torch.Tensor, mode: str, source: str):
+        MemKitTestModel.loads += 1
+        self.load_number = MemKitTestModel.loads  # which load produced this instance
+        self.weight = weight
+        self.mode = mode
+        self.source = source
+
+
+class MemKitTestThirdPartyLoader:
+    CATEGORY = "memkit_tests"
+    RETURN_TYPES = ("MEMKIT_TEST_MODEL", "STRING")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 node API)
+        return {"required": {
+            "model_name": (folder_paths.get_filename_list(TEST_MODELS_FOLDER),),
+            "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1}),
+            "mode": (["fast", "exact"],),
+        }}
+
+    def load(self, model_name, scale, mode):
+        path = folder_paths.get_full_path_or_raise(TEST_MODELS_FOLDER, model_name)
+        weight = comfy.utils.load_torch_file(path)["weight"] * scale
+        model = MemKitTestModel(weight, mode, model_name)
+        return (model, f"{model_name} scale={scale} mode={mode} load={model.load_number}")
+
+
+class MemKitTestUseModel:
+    CATEGORY = "memkit_tests"
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "use"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 node API)
+        return {"required": {"test_model": ("MEMKIT_TEST_MODEL",)}}
+
+    def use(self, test_model):
+        text = (f"sum={test_model.weight.sum().item():.6f} id={id(test_model)} "
+                f"load={test_model.load_number} mode={test_model.mode}")
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "MemKitTestPatchInPlace": MemKitTestPatchInPlace,
+    "MemKitTestThirdPartyLoader": MemKitTestThirdPartyLoader,
+    "MemKitTestUseModel": MemKitTestUseModel,
+}
