@@ -1,7 +1,7 @@
 """`make bench`: measure, then write BENCHMARKS.md from every results/*.json.
 
 Each benchmark writes its own results file (with the machine it ran on), so running one
-benchmark refreshes its section and keeps the others. Usage: run.py [cache] [vae]
+benchmark refreshes its section and keeps the others. Usage: run.py [cache] [serverless] [conditioning] [vae]
 """
 
 from __future__ import annotations
@@ -245,6 +245,111 @@ def render_serverless(r: dict) -> str:
     return "\n".join(lines)
 
 
+TEXT_ENCODERS = {"CLIP-L + CLIP-G (SDXL)": ["memkit-clip-l.safetensors", "memkit-clip-g.safetensors"],
+                 "CLIP-L": ["memkit-clip-l.safetensors"]}
+# Published sizes of Wan's text encoder files (Comfy-Org/Wan_2.1_ComfyUI_repackaged), for the estimate.
+UMT5_FILES_GB = {"umt5_xxl_fp8_e4m3fn_scaled.safetensors": 6.74, "umt5_xxl_fp16.safetensors": 11.4}
+
+
+def conditioning_worker(mode: str, user_dir: str, names: list[str]) -> dict:
+    cmd = [sys.executable, str(HERE / "conditioning_inprocess.py"), mode, user_dir, str(MODELS / "text_encoders"),
+           *names]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
+def sd15_text_prompt(by_name: bool) -> dict:
+    """SD1.5 image (64×64, 4 steps) whose prompts are encoded by CLIPLoader + CLIPTextEncode or by name."""
+    prompt = {
+        "1": {"class_type": "MemKitCheckpointLoader", "inputs": {"ckpt_name": CKPT_A}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                    "latent_image": ["4", 0], "seed": 1, "steps": 4, "cfg": 6.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "bench"}},
+    }
+    texts = {"2": "a red fox in the snow, golden hour", "3": "blurry"}
+    for node, text in texts.items():
+        if by_name:
+            prompt[node] = {"class_type": "MemKitTextEncodeByName", "inputs": {
+                "clip_name1": "memkit-clip-l.safetensors", "type": "stable_diffusion", "text": text}}
+        else:
+            prompt[node] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["8", 0], "text": text}}
+            prompt["8"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "memkit-clip-l.safetensors",
+                                                                   "type": "stable_diffusion"}}
+    return prompt
+
+
+def first_image_after_restart(base: Path, by_name: bool) -> dict:
+    server = ComfyServer(base, MODELS, None, [])
+    server.start()
+    try:
+        seconds = timed_prompt(server, sd15_text_prompt(by_name))
+        status = server.get("/memkit/status")
+    finally:
+        server.stop()
+    return {"seconds": seconds, "conditioning": status["conditioning"],
+            "text_encoders_loaded": sum(1 for e in status["entries"] if e.get("kind") == "text_encoder")}
+
+
+def bench_conditioning() -> dict:
+    results = {"machine": machine(), "encoders": {}, "umt5_files_gb": UMT5_FILES_GB}
+    for label, names in TEXT_ENCODERS.items():
+        with tempfile.TemporaryDirectory() as user_dir:
+            results["encoders"][label] = {
+                "cold": conditioning_worker("load-cold", user_dir, names),
+                "encode": conditioning_worker("encode", user_dir, names),
+                "restart": conditioning_worker("restart", user_dir, names)}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        first_image_after_restart(base, by_name=True)  # an earlier run: the prompts' conditionings on disk
+        results["first_image"] = {"by_name": first_image_after_restart(base, by_name=True),
+                                  "clip_text_encode": first_image_after_restart(base, by_name=False)}
+    return results
+
+
+def render_conditioning(r: dict) -> str:
+    lines = ["## Conditioning cache (issue 9)", "",
+             "In process, a fresh process per column group (fp16 text encoders on the CPU, as ComfyUI loads them "
+             "here). *Load* is ComfyUI's CLIPLoader / DualCLIPLoader.", "",
+             "| text encoder | files | load, not in page cache | load, in page cache | CLIPTextEncode | "
+             "MemKitTextEncode RAM hit | disk hit after a restart: MemKitTextEncode (needs the encoder: load + read) | "
+             "MemKitTextEncodeByName (no load) |", "|---|---|---|---|---|---|---|---|"]
+    per_gb = []
+    for label, run in r["encoders"].items():
+        cold, encode, restart = run["cold"], run["encode"], run["restart"]
+        gigabytes = cold["file_bytes"] / 1e9
+        per_gb.append((label, cold["load_seconds"] / gigabytes, encode["load_warm_seconds"] / gigabytes))
+        lines.append(f"| {label} | {gigabytes:.2f} GB | {cold['load_seconds']:.2f} s | "
+                     f"{encode['load_warm_seconds']:.2f} s | {encode['clip_text_encode_seconds'] * 1000:.0f} ms | "
+                     f"{encode['memkit_ram_hit_seconds'] * 1000:.3f} ms | "
+                     f"{restart['memkit_disk_hit_with_load_seconds']:.2f} s | "
+                     f"{restart['by_name_disk_hit_seconds'] * 1000:.1f} ms "
+                     f"(loads: {restart['by_name_disk_hit_loads']}) |")
+    largest, cold_per_gb, warm_per_gb = max(per_gb, key=lambda row: r["encoders"][row[0]]["cold"]["file_bytes"])
+    first = r["first_image"]
+    lines += ["", f"Load cost measured on the largest encoder that fits a test here ({largest}): "
+              f"{cold_per_gb:.2f} s/GB from disk, {warm_per_gb:.2f} s/GB from the page cache. At those rates "
+              "(an estimate, not a measurement: umt5-xxl does not fit this machine's tests) Wan's text encoder "
+              "would cost:", "", "| file (published size) | load from disk | load from page cache |", "|---|---|---|"]
+    for name, gigabytes in r["umt5_files_gb"].items():
+        lines.append(f"| `{name}` ({gigabytes} GB) | ≈ {gigabytes * cold_per_gb:.0f} s | "
+                     f"≈ {gigabytes * warm_per_gb:.0f} s |")
+    by_name, core = first["by_name"], first["clip_text_encode"]
+    lines += ["", "Time to the first image for a repeated prompt, through `/prompt` on a freshly started server "
+              "(SD1.5 checkpoint through MemKit, 64×64, 4 steps; the same prompts ran on an earlier server with the "
+              "same user directory):", "",
+              "| prompts encoded by | first prompt | text encoders loaded | conditioning disk hits |",
+              "|---|---|---|---|",
+              f"| CLIPLoader + CLIPTextEncode (CLIP-L) | {core['seconds']:.2f} s | 1 (core loader) | "
+              f"{core['conditioning']['disk_hits']} |",
+              f"| MemKitTextEncodeByName (CLIP-L) | {by_name['seconds']:.2f} s | {by_name['text_encoders_loaded']} | "
+              f"{by_name['conditioning']['disk_hits']} |", "",
+              "The saving is the encoder's load plus its encode; with CLIP-L (0.25 GB) that is small, with umt5-xxl it "
+              "is the load estimated above."]
+    return "\n".join(lines)
+
+
 VAE_CASES = {
     # name: (vae file, latent shape, what it decodes to)
     "sd": ("memkit-sd-vae.safetensors", "1,4,80,80", "SD VAE, 640×640 image"),
@@ -323,7 +428,7 @@ def render_vae(r: dict) -> str:
 
 
 BENCHMARKS = {"cache": (bench_cache, render_cache), "serverless": (bench_serverless, render_serverless),
-              "vae": (bench_vae, render_vae)}
+              "conditioning": (bench_conditioning, render_conditioning), "vae": (bench_vae, render_vae)}
 
 
 def render_all() -> str:

@@ -182,6 +182,14 @@ class MemKitService:
         self.conditioning.put(key, encoded, disk=stable)
         return encoded
 
+    def by_name_key(self, names: list[str], options: dict[str, str], text: str) -> tuple[str, str]:
+        """The conditioning key of ``encode_by_name`` (reads the files' identity, loads nothing), and
+        the device the encoder would load on."""
+        recipe = self.recipe(ModelKind.TEXT_ENCODER, names, options)
+        device, dtype = comfy_models.text_encoder_placement(options.get("device", "default"))
+        identity = json.dumps(["by-name", recipe.key, device, dtype, comfy_models.comfy_version()])
+        return conditioning_key(identity, text), device
+
     def encode_by_name(self, names: list[str], options: dict[str, str], text: str, *,
                        use_token: object = None) -> Conditioning:
         """CLIPTextEncode's output for the text encoder these files make, without loading the
@@ -191,9 +199,7 @@ class MemKitService:
         The key is the encoder's recipe (files and their identity on disk, type, device option),
         the device and dtype ComfyUI would load it with, ComfyUI's version and the exact text.
         """
-        recipe = self.recipe(ModelKind.TEXT_ENCODER, names, options)
-        device, dtype = comfy_models.text_encoder_placement(options.get("device", "default"))
-        key = conditioning_key(json.dumps(["by-name", recipe.key, device, dtype, comfy_models.comfy_version()]), text)
+        key, device = self.by_name_key(names, options, text)
         found = self.conditioning.get(key, disk=True)
         if found is not None:
             return found

@@ -23,9 +23,13 @@ TEST_MODELS = {
     "clip_g.safetensors": "memkit-clip-g.safetensors",
     "wan2.1_t2v_1.3B_fp16.safetensors": "memkit-wan21-t2v-tiny.safetensors",
     "wan_2.1_vae.safetensors": "memkit-wan21-vae-tiny.safetensors",
+    "clip_vision_h.safetensors": "memkit-clip-vision-vitl.safetensors",
+    "wav2vec2_chinese_base_fp16.safetensors": "memkit-wav2vec2-base.safetensors",
+    "4x-UltraSharp.pth": "memkit-esrgan-compact-x2.safetensors",
 }
 SELECTORS = {"checkpoints": "MemKitCheckpointSelector", "text_encoders": "MemKitTextEncoderSelector",
-             "diffusion_models": "MemKitDiffusionModelSelector", "vaes": "MemKitVAESelector"}
+             "diffusion_models": "MemKitDiffusionModelSelector", "vaes": "MemKitVAESelector",
+             "nodes": "MemKitCachedNode"}
 LATENT = "memkit-configs.latent"
 
 
@@ -105,6 +109,8 @@ def test_the_shipped_config_loads_and_a_prompt_runs_beside_its_preload(start_ser
     shipped = json.loads((REPO / "preload_config.json").read_text())
     config = with_test_models(shipped, enable=True)
     assert len(config["models"]["text_encoders"]) == 2
+    assert [e["node"] for e in config["models"]["nodes"]] == ["CLIPVisionLoader", "AudioEncoderLoader",
+                                                              "UpscaleModelLoader"]
     server = start_with(start_server, tmp_path_factory, config)
     write_latent_input(server.base / "input", LATENT, (1, 4, 16, 16), 11)
     status, answer = server.request("POST", "/prompt", {"prompt": decode_prompt("VAELoader", "during"),

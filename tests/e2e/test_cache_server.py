@@ -19,7 +19,7 @@ SD15 = "memkit-sd15.safetensors"
 NODE_IDS = ["MemKitCheckpointLoader", "MemKitTextEncoderLoader", "MemKitDiffusionModelLoader", "MemKitVAELoader",
             "MemKitCheckpointSelector", "MemKitTextEncoderSelector", "MemKitDiffusionModelSelector",
             "MemKitVAESelector", "MemKitCacheInfo", "MemKitCacheStatus", "MemKitPreload", "MemKitTiledVAEDecode",
-            "MemKitReleaseEvicted", "MemKitTextEncode"]
+            "MemKitReleaseEvicted", "MemKitTextEncode", "MemKitTextEncodeByName", "MemKitCachedNode"]
 CONFIG = {
     "checkpoints": [{"name": SD15, "cache_key": "e2e-sd15"}],
     "text_encoders": [{"clip_names": ["memkit-clip-l.safetensors"], "type": "stable_diffusion"}],

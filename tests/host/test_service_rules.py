@@ -128,4 +128,5 @@ def test_every_shipped_node_registers_on_this_comfyui(comfy_host):
     assert {n.GET_SCHEMA().node_id for n in nodes} >= {
         "MemKitCheckpointLoader", "MemKitTextEncoderLoader", "MemKitDiffusionModelLoader", "MemKitVAELoader",
         "MemKitCheckpointSelector", "MemKitTextEncoderSelector", "MemKitDiffusionModelSelector", "MemKitVAESelector",
-        "MemKitCacheInfo", "MemKitCacheStatus", "MemKitPreload", "MemKitTiledVAEDecode"}
+        "MemKitCacheInfo", "MemKitCacheStatus", "MemKitPreload", "MemKitTiledVAEDecode", "MemKitTextEncode",
+        "MemKitTextEncodeByName", "MemKitCachedNode", "MemKitReleaseEvicted"}

@@ -28,7 +28,7 @@ def parse(models=None, settings=None, **top) -> object:
 def test_the_shipped_config_is_valid_and_preloads_nothing_by_default():
     config = parse_config(PACKAGE_CONFIG.read_text(), CHOICES, source="preload_config.json")
     assert config.problems == []
-    assert len(config.entries) == 5
+    assert len(config.entries) == 8
     assert config.enabled_entries() == []
 
 

@@ -9,9 +9,16 @@ cached loader handed out its cached object, the next prompt would inherit the pa
 an object without a ``clone`` method that records which load produced it.
 ``MemKitTestUseModel`` is an output node that consumes it and reports the weight's sum, the
 object's id and its load number, so tests can tell a fresh load from a shared object.
+
+``MemKitTestRememberConditioning`` stands for an earlier run that encoded a prompt with a text
+encoder too large for the test machine (umt5-xxl): it puts a seeded conditioning into MemKit's
+conditioning cache (RAM and disk) under the very key ``MemKitTextEncodeByName`` computes, so a
+workflow that names that encoder must run without ever loading it.
 """
 
+import importlib
 import os
+import sys
 
 import comfy.utils
 import folder_paths
@@ -102,7 +109,42 @@ class MemKitTestUseModel:
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
+MEMKIT_PACKAGE = "comfyui-memkit"  # the folder name the e2e servers link the repository under
+
+
+def _memkit_service():
+    """MemKit's service in this server (ComfyUI names a custom-node module after its folder path)."""
+    name = next(n for n in list(sys.modules) if n == MEMKIT_PACKAGE or n.endswith("/" + MEMKIT_PACKAGE))
+    return importlib.import_module(f"{name}.model_cache.service").get_service()
+
+
+class MemKitTestRememberConditioning:
+    CATEGORY = "memkit_tests"
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "remember"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 node API)
+        return {"required": {"clip_name": ("STRING", {"default": ""}), "type": ("STRING", {"default": "wan"}),
+                             "text": ("STRING", {"multiline": True}), "seed": ("INT", {"default": 0}),
+                             "tokens": ("INT", {"default": 16}), "width": ("INT", {"default": 4096})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs):  # noqa: N802 (ComfyUI's V1 node API)
+        return float("nan")  # always run
+
+    def remember(self, clip_name, type, text, seed, tokens, width):
+        service = _memkit_service()
+        key, _ = service.by_name_key([clip_name], {"type": type, "device": "default"}, text)
+        generator = torch.Generator().manual_seed(seed)
+        conditioning = [[torch.randn((1, tokens, width), generator=generator) * 0.5, {}]]
+        service.conditioning.put(key, conditioning, disk=True)
+        return {"ui": {"text": [key]}, "result": (key,)}
+
+
 NODE_CLASS_MAPPINGS = {
+    "MemKitTestRememberConditioning": MemKitTestRememberConditioning,
     "MemKitTestPatchInPlace": MemKitTestPatchInPlace,
     "MemKitTestThirdPartyLoader": MemKitTestThirdPartyLoader,
     "MemKitTestUseModel": MemKitTestUseModel,

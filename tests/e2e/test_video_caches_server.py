@@ -1,0 +1,211 @@
+"""Video-workflow caches through a real server: any loader preloaded from the config's ``nodes``
+section (a third-party V1 loader from a test node pack, CLIP vision) and handed out by
+MemKitCachedNode, a loader called by node id, MemKitTextEncodeByName, and the shipped Wan 2.1
+text-to-video workflow with tiny stand-ins for its models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from comfy_execution.graph_utils import GraphBuilder
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SD15 = "memkit-sd15.safetensors"
+CLIP_L = "memkit-clip-l.safetensors"
+UPSCALER = "memkit-esrgan-compact-x2.safetensors"
+CONFIG = {
+    "nodes": [
+        {"node": "MemKitTestThirdPartyLoader", "cache_key": "test-loader",
+         "inputs": {"model_name": "memkit-test-loader.safetensors", "scale": 2.0, "mode": "exact"}},
+        {"node": "CLIPVisionLoader", "cache_key": "vision",
+         "inputs": {"clip_name": "memkit-clip-vision-vitl.safetensors"}},
+        {"node": "MemKitTestThirdPartyLoader", "cache_key": "bad-scale",
+         "inputs": {"model_name": "memkit-test-loader.safetensors", "scale": 11, "mode": "exact"}},
+    ],
+}
+# The shipped Wan workflow names the real files; these seeded test models play their roles.
+WAN_STAND_INS = {
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": "memkit-umt5-standin.safetensors",  # never loaded: see below
+    "wan2.1_t2v_1.3B_fp16.safetensors": "memkit-wan21-t2v-tiny.safetensors",
+    "wan_2.1_vae.safetensors": "memkit-wan21-vae-tiny.safetensors",
+}
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    server = start_server(CONFIG, preload_mode="background")
+    server.wait_ready()
+    return server
+
+
+def entries(server) -> dict[str, dict]:
+    return {e["cache_key"]: e for e in server.get("/memkit/status")["entries"]}
+
+
+def loads(server) -> int:
+    return server.get("/memkit/status")["totals"]["loads"]
+
+
+def test_node_entries_preload_and_a_bad_one_fails_alone_naming_its_field(server):
+    found = entries(server)
+    assert found["test-loader"]["state"] == "ready"
+    assert found["test-loader"]["kind"] == "node"
+    assert found["test-loader"]["shared"] == ["MemKitTestModel"], "an object without clone() is shared"
+    assert found["test-loader"]["ram_bytes"] == 64 * 64 * 4, "its own tensors are measured (a 64x64 fp32 weight)"
+    assert found["vision"]["state"] == "ready"
+    assert found["vision"]["shared"] == []
+    assert found["bad-scale"]["state"] == "failed"
+    assert found["bad-scale"]["error"] == ("MemKitTestThirdPartyLoader: field 'inputs.scale': 11 is above the "
+                                           "maximum 10.0")
+    assert "preloading bad-scale failed: MemKitTestThirdPartyLoader: field 'inputs.scale'" in server.log(whole=True)
+    assert server.get("/memkit/ready")["state"] == "degraded"
+    assert server.problems() == []
+
+
+def test_object_info_offers_the_node_entries_and_typed_any_outputs(server):
+    info = server.get("/object_info")["MemKitCachedNode"]
+    assert info["input"]["required"]["cache_key"][1]["options"] == ["test-loader", "vision", "bad-scale"]
+    assert info["output"] == ["*"] * 4
+
+
+def test_the_cached_node_hands_out_the_preloaded_third_party_object(server):
+    before = loads(server)
+    graph = GraphBuilder()
+    cached = graph.node("MemKitCachedNode", cache_key="test-loader")
+    graph.node("MemKitTestUseModel", test_model=cached.out(0))
+    graph.node("PreviewAny", source=cached.out(1))
+    outputs = server.run_prompt(graph.finalize())
+    texts = [t for o in outputs.values() for t in o.get("text", [])]
+    used = next(t for t in texts if t.startswith("sum="))
+    assert "load=1 mode=exact" in used, "the object the preload built, not a new load"
+    assert "scale=2.0 mode=exact load=1" in " ".join(texts), "the loader's second output, in order"
+    assert loads(server) == before
+
+
+def test_a_star_output_feeds_a_typed_input(server):
+    graph = GraphBuilder()
+    vision = graph.node("MemKitCachedNode", cache_key="vision")
+    image = graph.node("EmptyImage", width=224, height=224, batch_size=1, color=0x336699)
+    encoded = graph.node("CLIPVisionEncode", clip_vision=vision.out(0), image=image.out(0), crop="center")
+    graph.node("PreviewAny", source=encoded.out(0))
+    server.run_prompt(graph.finalize())
+    assert entries(server)["vision"]["hits"] >= 1
+
+
+def upscale_prompt(size: int) -> dict:
+    graph = GraphBuilder()
+    loader = graph.node("MemKitCachedNode", cache_key="vision", node_id="UpscaleModelLoader",
+                        inputs_json=json.dumps({"model_name": UPSCALER}))
+    image = graph.node("EmptyImage", width=size, height=size, batch_size=1, color=0x884422)
+    upscaled = graph.node("ImageUpscaleWithModel", upscale_model=loader.out(0), image=image.out(0))
+    graph.node("SaveImage", images=upscaled.out(0), filename_prefix=f"e2e_upscale_{size}")
+    return graph.finalize()
+
+
+def test_a_loader_called_by_node_id_loads_on_first_use_and_is_cached(server):
+    before = loads(server)
+    outputs = server.run_prompt(upscale_prompt(32))
+    (image,) = [i for o in outputs.values() for i in o.get("images", [])]
+    assert Image.open(server.output_file(image)).size == (64, 64)
+    key = f"node:UpscaleModelLoader(model_name={UPSCALER})"
+    assert entries(server)[key]["state"] == "ready"
+    assert entries(server)[key]["pinned"] is False, "loaded on demand: unpinned"
+    assert loads(server) == before + 1
+    server.run_prompt(upscale_prompt(48))
+    assert loads(server) == before + 1
+
+
+def sd15_prompt(by_name: bool, text: str = "a lighthouse at dusk") -> dict:
+    graph = GraphBuilder()
+    ckpt = graph.node("MemKitCheckpointLoader", ckpt_name=SD15)
+    if by_name:
+        positive = graph.node("MemKitTextEncodeByName", clip_name1=CLIP_L, type="stable_diffusion", text=text)
+        negative = graph.node("MemKitTextEncodeByName", clip_name1=CLIP_L, type="stable_diffusion", text="")
+    else:
+        clip = graph.node("CLIPLoader", clip_name=CLIP_L, type="stable_diffusion")
+        positive = graph.node("CLIPTextEncode", clip=clip.out(0), text=text)
+        negative = graph.node("CLIPTextEncode", clip=clip.out(0), text="")
+    latent = graph.node("EmptyLatentImage", width=64, height=64, batch_size=1)
+    sampled = graph.node("KSampler", model=ckpt.out(0), positive=positive.out(0), negative=negative.out(0),
+                         latent_image=latent.out(0), seed=5, steps=2, cfg=5.0, sampler_name="euler",
+                         scheduler="normal", denoise=1.0)
+    decoded = graph.node("VAEDecode", samples=sampled.out(0), vae=ckpt.out(2))
+    graph.node("SaveImage", images=decoded.out(0), filename_prefix=f"e2e_by_name_{int(by_name)}")
+    return graph.finalize()
+
+
+def saved(server, outputs: dict) -> np.ndarray:
+    (image,) = [i for o in outputs.values() for i in o.get("images", [])]
+    pixels = np.asarray(Image.open(server.output_file(image)), dtype=np.int16)
+    assert pixels.std() > 0
+    return pixels
+
+
+def text_encoders_loaded(server) -> list[str]:
+    return [e["cache_key"] for e in server.get("/memkit/status")["entries"]
+            if e.get("kind") == "text_encoder" and e["state"] == "ready"]
+
+
+def test_text_encode_by_name_gives_clip_text_encodes_image_and_skips_the_encoder_on_a_hit(server):
+    reference = saved(server, server.run_prompt(sd15_prompt(by_name=False)))
+    ours = saved(server, server.run_prompt(sd15_prompt(by_name=True)))
+    assert np.array_equal(ours, reference)
+    assert text_encoders_loaded(server) == [f"text_encoder:{CLIP_L}[type=stable_diffusion]"]
+    # /free drops ComfyUI's output cache, MemKit's unpinned models and its RAM conditionings
+    assert server.request("POST", "/free", {"unload_models": True, "free_memory": True})[0] == 200
+    server.run_prompt({"1": {"class_type": "MemKitReleaseEvicted", "inputs": {}}})
+    before = server.get("/memkit/status")
+    assert text_encoders_loaded(server) == []
+    again = saved(server, server.run_prompt(sd15_prompt(by_name=True)))
+    after = server.get("/memkit/status")
+    assert np.array_equal(again, reference)
+    assert text_encoders_loaded(server) == [], "the text encoder was never loaded again"
+    assert after["conditioning"]["disk_hits"] >= before["conditioning"]["disk_hits"] + 2
+    assert server.problems() == []
+
+
+def wan_workflow_for_tests() -> dict:
+    """The shipped workflow with its files mapped to the stand-ins and shrunk to CPU size."""
+    text = (REPO / "workflows" / "memkit_wan21_t2v.json").read_text()
+    for real, stand_in in WAN_STAND_INS.items():
+        text = text.replace(json.dumps(real), json.dumps(stand_in))
+    workflow = json.loads(text)
+    workflow["5"]["inputs"].update(width=128, height=96, length=5)
+    workflow["6"]["inputs"]["steps"] = 2
+    return workflow
+
+
+def test_the_shipped_wan_workflow_runs_and_never_loads_its_text_encoder(server):
+    """umt5-xxl (5.7 B parameters) does not fit a test; as after an earlier run that encoded these
+    prompts, their conditionings are in MemKit's cache, so the workflow must run without it (the
+    stand-in file is no text encoder: a load would fail the prompt)."""
+    workflow = wan_workflow_for_tests()
+    for index, node in enumerate(("3", "4")):
+        inputs = workflow[node]["inputs"]
+        server.run_prompt({"1": {"class_type": "MemKitTestRememberConditioning",
+                                 "inputs": {"clip_name": inputs["clip_name1"], "type": inputs["type"],
+                                            "text": inputs["text"], "seed": index, "tokens": 16, "width": 4096}}})
+    hits_before = server.get("/memkit/status")["conditioning"]
+    outputs = server.run_prompt(workflow)
+    (animation,) = [i for o in outputs.values() for i in o.get("images", [])]
+    webp = Image.open(server.output_file(animation))
+    assert (webp.size, webp.n_frames) == ((128, 96), 5)
+    frames = []
+    for index in range(webp.n_frames):
+        webp.seek(index)
+        frames.append(np.asarray(webp.convert("RGB"), dtype=np.float32))
+    assert np.isfinite(frames).all()
+    assert np.std(frames) > 0
+    status = server.get("/memkit/status")
+    hits = status["conditioning"]["ram_hits"] + status["conditioning"]["disk_hits"]
+    assert hits == hits_before["ram_hits"] + hits_before["disk_hits"] + 2
+    assert not any("umt5" in f for e in status["entries"] for f in e.get("files", []))
+    kinds = {e["cache_key"]: e["kind"] for e in status["entries"] if e["state"] == "ready"}
+    assert kinds["diffusion_model:memkit-wan21-t2v-tiny.safetensors"] == "diffusion_model"
+    assert server.problems() == []
