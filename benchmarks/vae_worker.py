@@ -2,7 +2,10 @@
 
 Usage: vae_worker.py VAE_FILE SHAPE METHOD OUT.pt
   SHAPE   comma-separated latent shape, e.g. 1,4,80,80 or 1,16,3,24,40
-  METHOD  untiled | comfy:TILE:OVERLAP | memkit:TILE_X:TILE_Y:STRIDE_X:STRIDE_Y | memkit:auto
+  METHOD  untiled | comfy:TILE:OVERLAP | memkit-PRECISION:TILE_X:TILE_Y:STRIDE_X:STRIDE_Y | memkit-PRECISION:auto
+          (PRECISION: fast or precise). MemKit rows also report, from a second (untimed) decode, the
+          peak of what is alive on the decode device: tensors the decode allocates, less the tiles
+          parked on the offload device (``support.live_tensors``).
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ def main() -> None:
     vae.decode(warm)
     plan_text = method
     kind, _, rest = method.partition(":")
-    if kind == "memkit":
-        decoder = TiledVAEDecoder(vae)
+    if kind.startswith("memkit"):
+        decoder = TiledVAEDecoder(vae, kind.partition("-")[2] or "precise")
         settings = None if rest == "auto" else TileSettings(*(int(n) for n in rest.split(":")))
-        plan = decoder.plan(shape, settings)
+        plan = decoder.plan(shape, settings, free_memory=decoder.prepare(shape))
         plan_text = plan.describe()
     reset_peak_rss()
     baseline, _ = rss_now_and_peak()
@@ -73,8 +76,22 @@ def main() -> None:
     seconds = time.perf_counter() - started
     _, peak = rss_now_and_peak()
     torch.save(images, out_file)
-    sys.stdout.write(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak, "plan": plan_text,
-                                 "shape": list(images.shape)}) + "\n")
+    result = {"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak, "plan": plan_text,
+              "shape": list(images.shape)}
+    if kind.startswith("memkit") and "--working-set" in sys.argv:
+        from support.live_tensors import LiveTensors
+
+        del images
+        with torch.inference_mode(), LiveTensors(excluded=lambda: decoder.ledger.parked) as live:
+            decoder.decode(latent, plan)
+        result.update(device_working_set=live.peak, parked_peak=decoder.ledger.peak)
+    if kind == "untiled" and "--working-set" in sys.argv:
+        from support.live_tensors import LiveTensors
+
+        with torch.inference_mode(), LiveTensors() as live:
+            nodes.VAEDecode().decode(vae, {"samples": latent})
+        result.update(device_working_set=live.peak)
+    sys.stdout.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 from comfy.utils import ProgressBar
 from comfy_api.latest import io
 
-from ..vae_tiling.decode import TiledVAEDecoder
+from ..vae_tiling.decode import PRECISIONS, TiledVAEDecoder
 from ..vae_tiling.plan import TileSettings, TileSettingsError, validate_pixel_settings
 
 DEFAULTS = TileSettings()
@@ -43,9 +43,17 @@ class MemKitTiledVAEDecode(io.ComfyNode):
                      minimum=4, step=4),
                 _int("temporal_stride", DEFAULTS.stride_t, "Frames between chunk starts (temporal_size - "
                      "temporal_stride frames are blended).", minimum=1, step=1),
-                io.Boolean.Input("auto", default=False, tooltip="Ignore the tile settings: decode untiled when the "
-                                 "VAE's estimate fits the free memory of its device, else use the largest square "
-                                 "tiles that fit, with 64 px of overlap."),
+                io.Boolean.Input("auto", default=True, tooltip="On (default): ignore the tile settings; decode "
+                                 "untiled when ComfyUI's estimate fits the free memory of the VAE's device (measured "
+                                 "after loading it), else the largest square tiles that fit, with 64 px of overlap. "
+                                 "Off: the tile and stride inputs."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="precise", optional=True,
+                               tooltip="precise (default): for GroupNorm VAEs (SD, SDXL, SD3, Flux) every tile is "
+                                       "normalised with the whole image's statistics, so tiles match the untiled "
+                                       "decode (no seams); costs a little time for the statistics and keeps all "
+                                       "tiles' activations parked on the offload device (CPU RAM) between layers. "
+                                       "fast: each tile on its own with its own statistics; nothing parked, but "
+                                       "visible seams on some VAEs. Wan's VAE has no GroupNorm: both are the same."),
             ],
             outputs=[io.Image.Output(tooltip="The decoded images; video frames are the batch.")],
         )
@@ -62,14 +70,20 @@ class MemKitTiledVAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples: dict, vae, tile_x: int, tile_y: int, tile_stride_x: int, tile_stride_y: int,
-                temporal_size: int, temporal_stride: int, auto: bool) -> io.NodeOutput:
+                temporal_size: int, temporal_stride: int, auto: bool, precision: str = "precise") -> io.NodeOutput:
+        from comfy import model_management
+
         latent: torch.Tensor = samples["samples"]
-        decoder = TiledVAEDecoder(vae)
+        decoder = TiledVAEDecoder(vae, precision)
         settings = None if auto else TileSettings(tile_x, tile_y, tile_stride_x, tile_stride_y, temporal_size,
                                                   temporal_stride)
-        plan = decoder.plan(tuple(latent.shape), settings)
+        free = decoder.prepare(tuple(latent.shape))
+        plan = decoder.plan(tuple(latent.shape), settings, free_memory=free)
         bar = ProgressBar(plan.tiles * latent.shape[0])
-        images = decoder.decode(latent, plan, progress=lambda done, total: bar.update_absolute(done, total))
+        images = decoder.decode_with_retries(
+            latent, plan, progress=lambda done, total: bar.update_absolute(done, total),
+            check=model_management.throw_exception_if_processing_interrupted,
+            out_of_memory=(model_management.OOM_EXCEPTION,) if model_management.OOM_EXCEPTION is not Exception else ())
         if images.ndim == 5:  # frames as the batch, as VAEDecode does
             images = images.reshape(-1, *images.shape[-3:])
         return io.NodeOutput(images)

@@ -115,3 +115,25 @@ def recompute_factor(shape: tuple[int, ...], grid: LatentGrid) -> float:
     for n, t, s in zip(axes, grid.sizes, grid.strides):
         factor *= sum(b - a for a, b in spans(n, t, s)) / n
     return factor
+
+
+def owned_spans(tile_spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """Which part of each span its tile owns: the spans cut at the middle of every overlap, so the
+    owned parts partition [0, length) (every position counted once, e.g. for statistics)."""
+    ordered = sorted(tile_spans)
+    cuts = [0]
+    for (start, _), (_, previous_end) in zip(ordered[1:], ordered[:-1]):
+        cuts.append(max(cuts[-1], (start + previous_end) // 2))
+    cuts.append(length)
+    owned = {span: (cuts[i], cuts[i + 1]) for i, span in enumerate(ordered)}
+    return [owned[span] for span in tile_spans]
+
+
+def owned_regions(shape: tuple[int, ...], grid: LatentGrid, regions: list[Region]) -> list[Region]:
+    """``owned_spans`` per axis for every tile of ``plan_tiles``: a partition of the tiled axes."""
+    axes = shape[len(shape) - len(grid.sizes):]
+    per_axis = []
+    for axis, length in enumerate(axes):
+        unique = sorted({region[axis] for region in regions})
+        per_axis.append(dict(zip(unique, owned_spans(unique, length))))
+    return [tuple(per_axis[axis][span] for axis, span in enumerate(region)) for region in regions]

@@ -2,7 +2,7 @@
 
 Three ways, chosen from the VAE's modules, not its name:
 
-* ``KLStages`` — SD/SDXL/SD3/Flux-style ``AutoencoderKL`` with ComfyUI's 2-D ``Decoder``: all
+* ``KLStages`` — SD/SDXL ``AutoencoderKL`` and SD3/Flux ``AutoencodingEngine`` with ComfyUI's 2-D ``Decoder``: all
   that runs at latent resolution (post-quant conv, conv_in, the middle block with its full-image
   attention, the first level of up blocks) runs once over the whole latent; only the stages
   after the first upsample run per tile. Measured on a 640x640 SD decode with 256-px tiles
@@ -39,9 +39,12 @@ class KLStages:
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         decoder = getattr(model, "decoder", None)
+        post_quant = getattr(model, "post_quant_conv", None)
         return (
             getattr(model, "bn", None) is None
-            and isinstance(getattr(model, "post_quant_conv", None), torch.nn.Conv2d)
+            # SD/SDXL: AutoencoderKL with a post-quant conv; SD3/Flux: AutoencodingEngine, decoder(z) only
+            and (isinstance(post_quant, torch.nn.Conv2d)
+                 or (post_quant is None and type(model).__name__ == "AutoencodingEngine"))
             and type(decoder).__name__ == "Decoder"
             and all(hasattr(decoder, name) for name in ("conv_in", "mid", "up", "norm_out", "conv_out"))
             and isinstance(decoder.conv_in, torch.nn.Conv2d)
@@ -50,7 +53,8 @@ class KLStages:
     def latent_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Everything that runs at latent resolution, over the whole latent."""
         d, mid = self.decoder, self.decoder.mid
-        h = d.conv_in(self.model.post_quant_conv(z))
+        post_quant = getattr(self.model, "post_quant_conv", None)
+        h = d.conv_in(post_quant(z) if post_quant is not None else z)
         h = mid.block_1(h, None)
         h = mid.attn_1(h)
         h = mid.block_2(h, None)

@@ -86,3 +86,61 @@ def test_an_uncovered_output_is_an_error_not_a_silent_zero():
     accumulator.add(torch.ones(1, 1, 2, 4), [(0, 2), (0, 4)], [torch.ones(2), torch.ones(4)])
     with pytest.raises(RuntimeError, match="uncovered"):
         accumulator.finish()
+
+
+@pytest.mark.parametrize(("length", "tile", "stride"), [(10, 6, 4), (13, 6, 4), (40, 16, 12), (7, 7, 5), (100, 32, 24)])
+def test_owned_spans_partition_the_axis_inside_each_tile(length, tile, stride):
+    from comfyui_memkit.vae_tiling.plan import owned_spans, spans
+
+    tiles = spans(length, tile, stride)
+    owned = owned_spans(tiles, length)
+    assert owned[0][0] == 0
+    assert owned[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(owned, owned[1:])), "no gap, no double count"
+    assert all(t0 <= o0 <= o1 <= t1 for (t0, t1), (o0, o1) in zip(tiles, owned))
+    assert all(o1 > o0 for o0, o1 in owned)
+
+
+def test_owned_regions_cover_every_position_once():
+    from comfyui_memkit.vae_tiling.plan import LatentGrid, owned_regions, plan_tiles
+
+    shape, grid = (1, 4, 30, 45), LatentGrid((16, 16), (12, 12))
+    regions = plan_tiles(shape, grid)
+    counts = torch.zeros(30, 45)
+    for (y0, y1), (x0, x1) in owned_regions(shape, grid, regions):
+        counts[y0:y1, x0:x1] += 1
+    assert torch.equal(counts, torch.ones(30, 45))
+
+
+def test_group_statistics_of_parts_are_those_of_the_whole():
+    """Chan's combination of per-part means and squared deviations, not an average of variances."""
+    from comfyui_memkit.vae_tiling.synced import GroupStatistics
+
+    generator = torch.Generator().manual_seed(4)
+    whole = torch.randn((2, 8, 10, 13), generator=generator) * torch.linspace(0.5, 3, 13) + 2.0
+    stats = GroupStatistics(groups=4)
+    for x0, x1 in ((0, 3), (3, 9), (9, 13)):  # unequal parts with unequal statistics
+        stats.add(whole[..., x0:x1])
+    mean, rstd = stats.finish(eps=1e-6)
+    variance, expected_mean = torch.var_mean(whole.reshape(2, 4, -1).double(), dim=-1, correction=0)
+    assert torch.allclose(mean, expected_mean, atol=1e-6)
+    assert torch.allclose(rstd, torch.rsqrt(variance + 1e-6), rtol=1e-5)
+    averaged = torch.stack([whole[..., a:b].reshape(2, 4, -1).var(-1, correction=0)
+                            for a, b in ((0, 3), (3, 9), (9, 13))]).mean(0).double()
+    assert not torch.allclose(averaged, variance, rtol=1e-2), "the naive average would differ here"
+
+
+def test_group_norm_with_whole_statistics_is_torchs_group_norm():
+    from comfyui_memkit.vae_tiling.synced import GroupStatistics, group_norm_with
+
+    norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2, 8))
+        norm.bias.copy_(torch.linspace(-1, 1, 8))
+    x = torch.randn((1, 8, 6, 7), generator=torch.Generator().manual_seed(2)) * 3 + 1
+    stats = GroupStatistics(4)
+    stats.add(x)
+    with torch.no_grad():
+        assert torch.allclose(group_norm_with(x, norm, stats.finish(norm.eps)), norm(x), atol=1e-5)
+        half = group_norm_with(x.to(torch.bfloat16), norm, stats.finish(norm.eps))
+    assert half.dtype == torch.bfloat16
