@@ -369,6 +369,9 @@ def attention_function(mode: str) -> tuple[Any, str | None]:
     chose cannot be had here (sage needs the optional ``sageattention`` package and a CUDA device)."""
     import comfy.ldm.modules.attention as attention
 
+    if mode != "default" and not hasattr(attention, "wrap_attn"):
+        return None, ("this ComfyUI has no per-model attention override (transformer_options"
+                      "['optimized_attention_override'], in ComfyUI since September 2025)")
     if mode == "sdpa":
         return attention.attention_pytorch, None
     if mode == "sage":
