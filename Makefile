@@ -5,7 +5,7 @@ PYTHON ?= python3
 HOST := $(PYTHON) scripts/host.py
 PORT ?= 8188
 
-.PHONY: run test test-fast bench lint setup
+.PHONY: run test test-fast bench lint setup workflows
 
 run:        ## start ComfyUI with this package and demo models on 127.0.0.1:$(PORT)
 	$(HOST) run --port $(PORT)
@@ -18,6 +18,9 @@ test-fast:  ## lint + the tests not marked slow
 
 bench:      ## benchmarks; writes BENCHMARKS.md (ONLY="vae" or ONLY="cache" runs one section)
 	$(HOST) bench $(ONLY)
+
+workflows:  ## export example_workflows/*.json (UI) to example_workflows/api/ (API); reads node definitions from `make run` on $(PORT)
+	$(HOST) workflows --port $(PORT)
 
 lint:
 	$(HOST) python -m ruff check .

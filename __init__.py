@@ -9,6 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# The cache panel (a sidebar tab): plain ES modules that ComfyUI serves under /extensions/<folder>/.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     """ComfyUI's V3 entry point: return the extension that lists our nodes."""

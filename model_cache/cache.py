@@ -69,6 +69,7 @@ class CacheEntry:
     uses: int = 0
     last_used: float = field(default_factory=time.monotonic)
     last_use_token: object = None
+    pinned_by_user: bool | None = None  # set through ``set_pinned`` (the page, /memkit/pin): it sticks
 
     @property
     def key(self) -> str:
@@ -204,8 +205,18 @@ class ModelCache:
 
     def _hit(self, entry: CacheEntry, pinned: bool, use_token: object) -> None:
         entry.hits += 1
-        entry.pinned = entry.pinned or pinned
+        if entry.pinned_by_user is None:  # a request may pin (a config entry); a user's choice stays
+            entry.pinned = entry.pinned or pinned
         self._use(entry, use_token)
+
+    def set_pinned(self, name: str, pinned: bool) -> list[str]:
+        """Pin or unpin the entries ``find(name)`` matches, as the user's choice: later requests
+        (a selector of a config entry, a preload) do not change it back. Returns their cache keys."""
+        with self._lock:
+            found = self.find(name)
+            for entry in found:
+                entry.pinned = entry.pinned_by_user = pinned
+            return [entry.alias for entry in found]
 
     def _use(self, entry: CacheEntry, use_token: object) -> None:
         entry.last_used = time.monotonic()

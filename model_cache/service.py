@@ -61,6 +61,7 @@ class MemKitService:
         self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget)
         self.identities = FileIdentityReader(hash_contents=settings.hash_contents)
         self.aliases = AliasRegistry(config.enabled_entries())
+        self.listeners: list[Callable[[], None]] = []  # told when the cache changes (the page's live status)
         expected = bool(config.warmup_prompt) or (settings.preload_mode != "off" and bool(config.enabled_entries()))
         self.preload = PreloadState(mode=settings.preload_mode, expected=expected)
         user = comfy_models.user_directory()
@@ -129,7 +130,16 @@ class MemKitService:
             comfy_models.place_on_device(outcome.value)
         if self.config.settings.verbose:
             log.info("[memkit] %s %s", "hit" if outcome.hit else "loaded", alias)
+        self.changed()
         return outcome
+
+    def changed(self) -> None:
+        """Tell the listeners (cheap, any thread: they only note that something changed)."""
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception as error:  # a listener never breaks a load
+                log.debug("[memkit] a status listener failed: %s", error)
 
     def checkout(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
                  use_token: object = None) -> tuple[Any, ...]:
@@ -214,10 +224,14 @@ class MemKitService:
     def evict(self, name: str, *, executing_thread: bool) -> list[str]:
         """Evict by cache key, key or file name. Off the executing thread the entries leave the cache
         now but are let go by ``release_evicted`` on the executing thread (see ``model_cache.cache``)."""
-        return self.cache.evict(name, defer=not executing_thread)
+        evicted = self.cache.evict(name, defer=not executing_thread)
+        self.changed()
+        return evicted
 
     def clear(self, include_pinned: bool, *, executing_thread: bool) -> list[str]:
-        return self.cache.clear(include_pinned, defer=not executing_thread)
+        cleared = self.cache.clear(include_pinned, defer=not executing_thread)
+        self.changed()
+        return cleared
 
     def release_evicted(self) -> list[str]:
         """Executing thread only: let go of entries evicted from other threads."""
@@ -225,6 +239,7 @@ class MemKitService:
         if released:
             gc.collect()
             log.info("[memkit] released %s", ", ".join(released))
+            self.changed()
         return released
 
     def relieve_ram_pressure(self, headroom_gb: float, use_token: object = None) -> list[str]:
@@ -248,6 +263,7 @@ class MemKitService:
             enough, keep=lambda e: use_token is not None and e.last_use_token == use_token)
         if released:
             log.info("[memkit] RAM below ComfyUI's %.1f GB headroom: released %s", headroom_gb, ", ".join(released))
+            self.changed()
         return released
 
     # --- preloading -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..model_cache.config import check_model_name
 from ..model_cache.service import MemKitService, get_service
-from ..model_cache.status import build_status
+from . import status_push
 from .preload_queue import queue_release, start_background_preload
 
 log = logging.getLogger("memkit.http")
@@ -41,6 +41,10 @@ class EvictBody(_Body):
 
 class ClearBody(_Body):
     include_pinned: bool = False
+
+
+class PinBody(EvictBody):
+    pinned: bool
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -72,7 +76,7 @@ def _ready_payload(service: MemKitService) -> dict[str, Any]:
 def register_routes(routes: web.RouteTableDef) -> None:
     @routes.get("/memkit/status")
     async def memkit_status(_request: web.Request) -> web.Response:
-        return web.json_response(build_status(get_service()))
+        return web.json_response(status_push.panel_status(get_service()))
 
     @routes.get("/memkit/ready")
     async def memkit_ready(_request: web.Request) -> web.Response:
@@ -92,6 +96,7 @@ def register_routes(routes: web.RouteTableDef) -> None:
             return _error(400, f"field 'cache_keys': {error}")
         if not start_background_preload(service, entries):
             return _error(409, "a preload is already running; poll /memkit/ready")
+        status_push.notify()
         while body.wait and not service.preload.snapshot().ready:
             await asyncio.sleep(0.2)
         payload = _ready_payload(service)
@@ -107,6 +112,7 @@ def register_routes(routes: web.RouteTableDef) -> None:
         if not evicted:
             return _error(404, f"nothing cached under {body.name!r}")
         queue_release(service)
+        status_push.notify()
         return web.json_response({"evicted": evicted})
 
     @routes.post("/memkit/clear")
@@ -117,7 +123,19 @@ def register_routes(routes: web.RouteTableDef) -> None:
         service = get_service()
         evicted = service.clear(body.include_pinned, executing_thread=False)
         queue_release(service)
+        status_push.notify()
         return web.json_response({"evicted": evicted})
+
+    @routes.post("/memkit/pin")
+    async def memkit_pin(request: web.Request) -> web.Response:
+        body = await _parse(request, PinBody)
+        if isinstance(body, web.Response):
+            return body
+        changed = get_service().cache.set_pinned(body.name, body.pinned)  # sticks: later hits keep it
+        if not changed:
+            return _error(404, f"nothing cached under {body.name!r}")
+        status_push.notify()
+        return web.json_response({"entries": changed, "pinned": body.pinned})
 
 
 @web.middleware
@@ -135,6 +153,7 @@ async def free_memory_observer(request: web.Request, handler):
             queue_release(service)
             if body.get("free_memory"):
                 service.conditioning.clear_ram()  # plain tensors: no ComfyUI clean-up runs on dropping them
+            status_push.notify()
             log.info("[memkit] /free evicted %d unpinned cache entries", len(dropped))
     return response
 
@@ -143,3 +162,4 @@ def install(server: Any) -> None:
     """Register our routes and the /free observer on ComfyUI's PromptServer."""
     register_routes(server.routes)
     server.app.middlewares.append(free_memory_observer)
+    status_push.install(server)

@@ -13,6 +13,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..model_cache.service import get_service
+from . import status_push
 
 
 def parse_keys(text: str) -> list[str] | None:
@@ -54,6 +55,7 @@ class MemKitPreload(io.ComfyNode):
         try:  # whatever happens, the run this prompt belongs to ends (/memkit/ready never sticks)
             if owned:
                 service.preload.set_phase("loading")
+                status_push.notify()
             service.release_evicted()
             entries = service.entries_for(parse_keys(cache_keys))
             bar = comfy.utils.ProgressBar(max(1, len(entries)))
@@ -62,11 +64,13 @@ class MemKitPreload(io.ComfyNode):
                 bar.update(1)
                 if owned:
                     service.preload.entry_done(alias, error)
+                status_push.notify()  # the page's progress moves entry by entry
 
             failures = service.preload_entries(entries, executing_thread=True, on_entry=on_entry)
         finally:
             if owned:
                 service.preload.finish()
+            status_push.notify()
         lines = [f"{alias}: failed: {error}" for alias, error in failures.items()]
         summary = f"{len(entries) - len(failures)} of {len(entries)} entries loaded" + "".join(f"\n{x}" for x in lines)
         return io.NodeOutput(summary, ui=ui.PreviewText(summary))
@@ -94,6 +98,7 @@ class MemKitReleaseEvicted(io.ComfyNode):
     @classmethod
     def execute(cls) -> io.NodeOutput:
         released = "\n".join(get_service().release_evicted()) or "nothing to release"
+        status_push.notify()
         return io.NodeOutput(released, ui=ui.PreviewText(released))
 
 

