@@ -60,11 +60,14 @@ class GroupStatistics:
     def add(self, part: torch.Tensor) -> None:
         """One tile's owned part, (N, C, ...): its count, mean and sum of squared deviations
         (``torch.var_mean`` in fp32 on the tile's device; combined in float64)."""
-        grouped = part.reshape(part.shape[0], self.groups, -1)
-        count = grouped.shape[-1]
+        grouped = part.unflatten(1, (self.groups, -1))  # a view: no copy of the (strided) owned part
+        count = grouped[0, 0].numel()
         if count == 0:
             return
-        variance, mean = torch.var_mean(grouped.float(), dim=-1, correction=0)
+        dims = tuple(range(2, grouped.ndim))
+        if grouped.dtype != torch.float32:
+            grouped = grouped.float()
+        variance, mean = torch.var_mean(grouped, dim=dims, correction=0)
         mean, m2 = mean.double(), variance.double() * count
         if self.mean is None:
             self.count, self.mean, self.m2 = count, mean, m2
@@ -217,7 +220,7 @@ class SyncedKLDecoder:
         for index, tile in enumerate(tiles):
             self.check()
             h = self._fetch(tile, "h")
-            out = decoder.conv_out(torch.nn.functional.silu(group_norm_with(h, decoder.norm_out, stats)))
+            out = decoder.conv_out(torch.nn.functional.silu(group_norm_with(h, decoder.norm_out, stats), inplace=True))
             del h
             tick()
             yield index, torch.tanh(out) if decoder.tanh_out else out
@@ -231,7 +234,7 @@ class SyncedKLDecoder:
         for tile in tiles:
             self.check()
             x = self._fetch(tile, "h")
-            h = block.conv1(torch.nn.functional.silu(group_norm_with(x, block.norm1, stats1)))
+            h = block.conv1(torch.nn.functional.silu(group_norm_with(x, block.norm1, stats1), inplace=True))
             self._measure(inner, tile, h, scale)
             self._park(tile, "h", x)
             self._park(tile, "inner", h)
@@ -242,7 +245,8 @@ class SyncedKLDecoder:
         for tile in tiles:
             self.check()
             x, h = self._fetch(tile, "h"), self._fetch(tile, "inner")
-            h2 = block.conv2(block.dropout(torch.nn.functional.silu(group_norm_with(h, block.norm2, stats2))))
+            h2 = block.conv2(block.dropout(torch.nn.functional.silu(group_norm_with(h, block.norm2, stats2),
+                                                                     inplace=True)))
             del h
             if block.in_channels != block.out_channels:
                 shortcut = block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut
