@@ -6,6 +6,7 @@ benchmark refreshes its section and keeps the others. Usage: run.py [cache] [ser
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -399,7 +400,9 @@ def vae_worker(vae: str, shape: str, method: str, out: Path, working_set: bool =
     """One row in a fresh process, holding the machine's heavy-job lock so nothing else runs beside it."""
     cmd = [sys.executable, str(HERE / "vae_worker.py"), str(MODELS / "vae" / vae), shape, method, str(out),
            *(["--working-set"] if working_set else [])]
-    answer = subprocess.run(["flock", HEAVY_LOCK, *cmd], check=True, capture_output=True, text=True)
+    with open(HEAVY_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        answer = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(answer.stdout.strip().splitlines()[-1])
 
 

@@ -41,6 +41,9 @@ activation (the middle block's ResNet temporaries and attention output, in the V
 MIN_RETRY_SIDE = 8
 """Smallest tile side (latent units) an out-of-memory retry goes down to before whole-model tiles."""
 
+UNSPLIT = {"kl-staged": "whole-model", "wan-staged": "frame-causal"}
+"""For each split method, the whole-model method that runs the same tiles without the split."""
+
 _split_checked: dict[tuple[str, str, str], bool] = {}
 """Per (VAE class, dtype, method): whether the split decoder matched ComfyUI's own decode."""
 
@@ -129,11 +132,11 @@ class TiledVAEDecoder:
             from comfy import model_management
 
             free_memory = model_management.get_free_memory(self.vae.device)
-        if self.latent_stage_memory(shape, method) > free_memory:
+        latent_stage = self.latent_stage_memory(shape, method)
+        if latent_stage > free_memory:
             log.info("MemKit tiled decode: the latent stage of %s needs about %.0f MB, more than the %.0f MB free; "
-                     "decoding whole-model tiles", tuple(shape), self.latent_stage_memory(shape, method) / 2**20,
-                     free_memory / 2**20)
-            method = "whole-model" if len(shape) == 4 else "frame-causal"
+                     "decoding whole-model tiles", tuple(shape), latent_stage / 2**20, free_memory / 2**20)
+            method = UNSPLIT[method]
         temporal = self.temporal_factor if self._time_is_tiled(method) else None
         if settings is None:
             grid = self._auto_grid(shape, method, free_memory)
@@ -253,8 +256,7 @@ class TiledVAEDecoder:
             return images
         self._load(tuple(samples.shape), plan.regions[0], plan.method)
         if not self.split_matches_comfyui(plan.method, plan.precise):
-            plan = DecodePlan("whole-model" if samples.ndim == 4 else "frame-causal", plan.grid, plan.regions,
-                              plan.recompute)
+            plan = DecodePlan(UNSPLIT[plan.method], plan.grid, plan.regions, plan.recompute)
         tiles = plan.regions
         all_axes = self._axes(samples.ndim)
         axes = all_axes[len(all_axes) - len(plan.grid.sizes):]  # the tiled ones are last
@@ -338,8 +340,8 @@ class TiledVAEDecoder:
             grid = self._square_grid(shape, plan.method, smaller, overlap)
             return DecodePlan(plan.method, grid, tuple(plan_tiles(shape, grid)), recompute_factor(shape, grid),
                               precise=plan.precise)
-        whole = "whole-model" if len(shape) == 4 else ("frame-causal" if plan.method == "wan-staged" else None)
-        if whole is None or plan.method == whole:
+        whole = UNSPLIT.get(plan.method)
+        if whole is None:  # already whole-model tiles at the smallest side: nothing smaller to try
             return None
         grid = self._square_grid(shape, whole, max(side, 2 * overlap + 1), overlap)
         return DecodePlan(whole, grid, tuple(plan_tiles(shape, grid)), recompute_factor(shape, grid))
