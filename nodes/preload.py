@@ -14,6 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..model_cache.service import get_service
 from . import status_push
+from .preload_queue import release_started
 
 
 def parse_keys(text: str) -> list[str] | None:
@@ -97,6 +98,7 @@ class MemKitReleaseEvicted(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
+        release_started()
         released = "\n".join(get_service().release_evicted()) or "nothing to release"
         status_push.notify()
         return io.NodeOutput(released, ui=ui.PreviewText(released))

@@ -178,14 +178,22 @@ def queue_release(service: MemKitService) -> None:
         try:
             error = prompt_error(queue_prompt({"1": {"class_type": "MemKitReleaseEvicted", "inputs": {}}}))
             if error is not None:
+                _release_queued.clear()
                 log.warning("[memkit] releasing evicted models: %s; they are released with the next prompt", error)
         except Exception as failure:
+            _release_queued.clear()
             log.warning("[memkit] could not queue the release of evicted models (%s); they are released with "
                         "the next prompt", failure)
-        finally:
-            _release_queued.clear()
 
     threading.Thread(target=run, name="memkit-release", daemon=True).start()
+
+
+def release_started() -> None:
+    """Called by ``MemKitReleaseEvicted`` as it starts: from now on an eviction queues a new release.
+
+    Cleared here, not once the prompt is queued: the prompt can run before ``queue_prompt``
+    returns, and an eviction in between would otherwise wait for the next prompt."""
+    _release_queued.clear()
 
 
 def run_warmup(service: MemKitService, workflow: dict[str, Any]) -> None:

@@ -68,9 +68,9 @@ class DecodePlan:
     def describe(self) -> str:
         if self.grid is None:
             return f"untiled ({self.method})"
-        sizes = "x".join(map(str, self.grid.sizes))
-        strides = "x".join(map(str, self.grid.strides))
-        return (f"{self.tiles} tiles of {sizes} latent, stride {strides} ({self.method}"
+        sizes = "x".join(str(b - a) for a, b in self.regions[0])  # every tile has the same size
+        overlaps = "x".join(str(t - s) for t, s in zip(self.grid.sizes, self.grid.strides))
+        return (f"{self.tiles} tiles of {sizes} latent, overlap at least {overlaps} ({self.method}"
                 f"{', precise' if self.precise else ''}); each position decoded {self.recompute:.2f}x on average")
 
 

@@ -80,16 +80,21 @@ def latent_grid(settings: TileSettings, spatial_factor: int, temporal_factor: in
 
 
 def spans(length: int, tile: int, stride: int) -> list[tuple[int, int]]:
-    """Half-open [start, end) spans of at most ``tile`` covering ``length``, ``stride`` apart.
+    """Half-open [start, end) spans covering ``length``: as many as ``stride`` asks for (the first at
+    0, the last ending at ``length``), each of the same size, at most ``tile``, evenly spaced, with
+    overlaps of at least ``tile - stride``.
 
-    The last span is moved back to end exactly at ``length`` so no tile is a thin sliver; its
-    overlap with the previous one grows instead.
+    The size is the smallest that covers ``length`` with that many spans and that overlap, so no
+    span overlaps its neighbour by more than it must: 384 px in 256-px tiles, stride 192, are two
+    224-px tiles overlapping by 64 px, not two 256-px tiles overlapping by 128 (less decoded twice,
+    less memory; the seams depend on the overlap, which is kept).
     """
     if length <= tile:
         return [(0, length)]
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return [(s, s + tile) for s in starts]
+    overlap = tile - stride
+    count = -(-(length - overlap) // stride)  # the fewest spans ``stride`` apart that reach the end
+    size = -(-(length + (count - 1) * overlap) // count)  # <= tile, since count * stride >= length - overlap
+    return [(start, start + size) for start in (round(i * (length - size) / (count - 1)) for i in range(count))]
 
 
 Region = tuple[tuple[int, int], ...]

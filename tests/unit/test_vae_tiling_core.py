@@ -19,16 +19,28 @@ from comfyui_memkit.vae_tiling.plan import (
 )
 
 
-@pytest.mark.parametrize(("length", "tile", "stride"), [(80, 32, 24), (48, 32, 24), (33, 32, 8), (100, 17, 5)])
-def test_spans_cover_every_position_with_full_tiles(length, tile, stride):
-    result = spans(length, tile, stride)
-    covered = torch.zeros(length, dtype=torch.int32)
-    for start, end in result:
-        assert end - start == tile
-        covered[start:end] += 1
-    assert bool((covered > 0).all())
-    assert result[-1][1] == length
-    assert all(b[0] - a[0] <= stride for a, b in itertools.pairwise(result))
+def test_spans_are_the_fewest_equal_tiles_that_cover_with_the_overlap_asked_for():
+    for length, tile, stride in itertools.product(range(1, 70), range(2, 24), range(1, 24)):
+        if stride >= tile:
+            continue
+        result = spans(length, tile, stride)
+        covered = torch.zeros(length, dtype=torch.int32)
+        for start, end in result:
+            covered[start:end] += 1
+        assert bool((covered > 0).all()) and result[0][0] == 0 and result[-1][1] == length
+        sizes = {end - start for start, end in result}
+        assert len(sizes) == 1 and max(sizes) <= tile, (length, tile, stride, result)
+        if len(result) == 1:
+            continue
+        overlap, size = tile - stride, sizes.pop()
+        assert all(a[1] - b[0] >= overlap for a, b in itertools.pairwise(result)), (length, tile, stride, result)
+        assert len(result) == len(range(0, length - tile, stride)) + 1, "as many tiles as the stride gives"
+        assert len(result) * (size - 1) - (len(result) - 1) * overlap < length, "no smaller size would cover"
+
+
+def test_spans_shrink_the_tiles_instead_of_doubling_an_overlap():
+    assert spans(48, 32, 24) == [(0, 28), (20, 48)]  # 384 px in 256-px tiles, stride 192: 224-px tiles
+    assert spans(80, 32, 24) == [(0, 32), (24, 56), (48, 80)]  # an exact fit is unchanged
 
 
 def test_a_length_within_one_tile_is_one_span():
