@@ -129,7 +129,8 @@ def test_group_statistics_of_parts_are_those_of_the_whole():
     from comfyui_memkit.vae_tiling.synced import GroupStatistics
 
     generator = torch.Generator().manual_seed(4)
-    whole = torch.randn((2, 8, 10, 13), generator=generator) * torch.linspace(0.5, 3, 13) + 2.0
+    channel_offsets = torch.tensor([0.0, 4.0, -3.0, 1.0, 2.0, 2.5, -1.0, 6.0]).view(1, 8, 1, 1)  # unequal within a group
+    whole = torch.randn((2, 8, 10, 13), generator=generator) * torch.linspace(0.5, 3, 13) + 2.0 + channel_offsets
     stats = GroupStatistics(groups=4)
     for x0, x1 in ((0, 3), (3, 9), (9, 13)):  # unequal parts with unequal statistics
         stats.add(whole[..., x0:x1])
