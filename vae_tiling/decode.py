@@ -22,7 +22,7 @@ from .plan import (
     recompute_factor,
     to_latent,
 )
-from .stages import KLStages, WanStages, is_frame_causal
+from .stages import ATTENTION_SCORE_BYTES, KLStages, WanStages, is_frame_causal
 from .synced import ParkLedger, SyncedKLDecoder
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class TiledVAEDecoder:
     def latent_stage_memory(self, shape: tuple[int, ...], method: str) -> float:
         """Bytes the latent-resolution stage of a split decoder needs on the whole latent: its widest
         activation times ``LATENT_STAGE_BYTES_PER_ELEMENT`` (Wan: one frame at a time, but the
-        features of every frame are kept for the tiles)."""
+        features of every frame are kept for the tiles), plus the attention scores it holds at once."""
         if method not in ("kl-staged", "wan-staged"):
             return 0.0
         decoder = self.model.decoder
@@ -158,7 +158,8 @@ class TiledVAEDecoder:
         dtype_size = torch.empty((), dtype=self.vae.vae_dtype).element_size()
         frame = shape[-1] * shape[-2] * channels * dtype_size
         frames = shape[2] if method == "wan-staged" else 1
-        return float(frame * (LATENT_STAGE_BYTES_PER_ELEMENT + frames))
+        attention = ATTENTION_SCORE_BYTES if method == "kl-staged" else 0  # at most, where it is split attention
+        return float(frame * (LATENT_STAGE_BYTES_PER_ELEMENT + frames) + attention)
 
     def _memory_for(self, shape: tuple[int, ...], method: str) -> float:
         if method in ("frame-causal", "wan-staged"):  # one latent frame at a time: time barely adds memory

@@ -29,12 +29,59 @@ def is_frame_causal(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith(FRAME_CAUSAL_MODULE_PREFIXES)
 
 
+ATTENTION_SCORE_BYTES = 32 * 2**20
+"""Most bytes of attention scores the latent stage holds at once where ComfyUI's VAE attention is
+its split attention (``normal_attention``: the whole score matrix when memory allows, as on a CPU
+or an AMD GPU): the queries go in chunks, so that stage's memory grows with the latent, not with
+its square (640x640 SD: 328 MB of scores at once, measured as most of the latent stage's 387 MB)."""
+
+SPLIT_ATTENTION = ("comfy.ldm.modules.diffusionmodules.model", "normal_attention")
+
+
+def _split_attention(block: torch.nn.Module) -> bool:
+    attention = getattr(block, "optimized_attention", None)
+    return ((getattr(attention, "__module__", None), getattr(attention, "__name__", None)) == SPLIT_ATTENTION
+            and all(hasattr(block, name) for name in ("norm", "q", "k", "v", "proj_out")))
+
+
+def chunked_attention_block(block: torch.nn.Module, x: torch.Tensor, score_bytes: int) -> torch.Tensor:
+    """ComfyUI's ``AttnBlock.forward`` with its split attention (``slice_attention``'s arithmetic:
+    scores, softmax, values, per chunk of queries), the chunks sized to ``score_bytes``."""
+    h = block.norm(x)
+    q, k, v = block.q(h), block.k(h), block.v(h)
+    del h
+    b, c, height, width = q.shape
+    q = q.reshape(b, c, -1).permute(0, 2, 1)  # b, hw, c
+    k, v = k.reshape(b, c, -1), v.reshape(b, c, -1)
+    positions = q.shape[1]
+    chunk = max(1, score_bytes // (2 * b * positions * q.element_size()))  # scores and their softmax
+    out = torch.empty_like(v)
+    scale = c ** -0.5
+    for start in range(0, positions, chunk):
+        scores = torch.bmm(q[:, start:start + chunk], k) * scale
+        weights = torch.nn.functional.softmax(scores, dim=2).permute(0, 2, 1)
+        del scores
+        out[:, :, start:start + chunk] = torch.bmm(v, weights)
+        del weights
+    return x + block.proj_out(out.reshape(b, c, height, width))
+
+
 class KLStages:
     """Split decode of an ``AutoencoderKL`` whose decoder is ComfyUI's 2-D ``Decoder``."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, attention_score_bytes: int = ATTENTION_SCORE_BYTES) -> None:
         self.model = model
         self.decoder = model.decoder
+        self.attention_score_bytes = attention_score_bytes
+
+    def _attention(self, block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """An attention block over the whole latent: ComfyUI's own, except that its split attention
+        runs in chunks of queries bounded by ``attention_score_bytes`` (see ``ATTENTION_SCORE_BYTES``)."""
+        positions = h.shape[-2] * h.shape[-1]
+        scores = 2 * h.shape[0] * positions * positions * h.element_size()  # the scores and their softmax
+        if _split_attention(block) and scores > self.attention_score_bytes:
+            return chunked_attention_block(block, h, self.attention_score_bytes)
+        return block(h)
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -56,7 +103,7 @@ class KLStages:
         post_quant = getattr(self.model, "post_quant_conv", None)
         h = d.conv_in(post_quant(z) if post_quant is not None else z)
         h = mid.block_1(h, None)
-        h = mid.attn_1(h)
+        h = self._attention(mid.attn_1, h)
         h = mid.block_2(h, None)
         return self._level_blocks(d.num_resolutions - 1, h)
 
@@ -82,7 +129,7 @@ class KLStages:
         for i_block in range(self.decoder.num_res_blocks + 1):
             h = level.block[i_block](h, None)
             if len(level.attn) > 0:
-                h = level.attn[i_block](h)
+                h = self._attention(level.attn[i_block], h)
         return h
 
 

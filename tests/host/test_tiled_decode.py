@@ -350,3 +350,25 @@ def test_wan_has_no_groupnorm_so_precise_is_the_fast_path(wan_vae):
     plan = TiledVAEDecoder(wan_vae, "precise").plan((1, 16, 3, 16, 24), TileSettings(96, 96, 64, 64))
     assert plan.method == "wan-staged"
     assert not plan.precise
+
+
+def test_the_latent_stage_runs_split_attention_in_bounded_chunks_of_queries(sd_vae):
+    """Where ComfyUI's VAE attention is its split attention (as on this CPU), the latent stage holds
+    at most ``attention_score_bytes`` of scores at once instead of the whole score matrix, with
+    ComfyUI's attention's result."""
+    from support.live_tensors import LiveTensors
+
+    from comfyui_memkit.vae_tiling.stages import KLStages, _split_attention
+
+    model = sd_vae.first_stage_model
+    assert _split_attention(model.decoder.mid.attn_1), "ComfyUI runs split attention in the VAE on a CPU"
+    latent = structured_latent((1, 4, 40, 40), SEED)  # 1600 positions: 20 MB of fp32 scores and softmax
+    whole, chunked = KLStages(model, attention_score_bytes=2**40), KLStages(model, attention_score_bytes=2**21)
+    with torch.inference_mode():
+        with LiveTensors() as at_once:
+            expected = whole.latent_stage(latent)
+        with LiveTensors() as in_chunks:
+            got = chunked.latent_stage(latent)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+    scores = 2 * 1600 * 1600 * 4
+    assert at_once.peak - in_chunks.peak > 0.8 * scores, (at_once.peak, in_chunks.peak)

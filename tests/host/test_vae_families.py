@@ -57,7 +57,7 @@ FAMILIES = {
     "sdxl": Family(
         "memkit-sdxl-vae.safetensors", "comfy.ldm.models.autoencoder.AutoencoderKL", 4, 8, None, "kl-staged",
         small=(1, 4, 8, 8), out=(1, 64, 64, 3),
-        spatial_tiles=Tiled((1, 4, 16, 24), SPATIAL_96, tiles=6, floor=37.5)),  # 38.78 dB (tiles shrunk to the 32-px overlap asked for)
+        spatial_tiles=Tiled((1, 4, 16, 24), SPATIAL_96, tiles=6, floor=37.5)),  # 38.78 dB
     # SD3/Flux: no post_quant_conv, so ComfyUI builds an AutoencodingEngine; its Decoder is the same
     # 2-D Decoder as SD's, split the same way
     "flux": Family(

@@ -27,9 +27,11 @@ def test_spans_are_the_fewest_equal_tiles_that_cover_with_the_overlap_asked_for(
         covered = torch.zeros(length, dtype=torch.int32)
         for start, end in result:
             covered[start:end] += 1
-        assert bool((covered > 0).all()) and result[0][0] == 0 and result[-1][1] == length
+        assert bool((covered > 0).all())
+        assert (result[0][0], result[-1][1]) == (0, length)
         sizes = {end - start for start, end in result}
-        assert len(sizes) == 1 and max(sizes) <= tile, (length, tile, stride, result)
+        assert len(sizes) == 1, (length, tile, stride, result)
+        assert max(sizes) <= tile, (length, tile, stride, result)
         if len(result) == 1:
             continue
         overlap, size = tile - stride, sizes.pop()
@@ -129,7 +131,8 @@ def test_group_statistics_of_parts_are_those_of_the_whole():
     from comfyui_memkit.vae_tiling.synced import GroupStatistics
 
     generator = torch.Generator().manual_seed(4)
-    channel_offsets = torch.tensor([0.0, 4.0, -3.0, 1.0, 2.0, 2.5, -1.0, 6.0]).view(1, 8, 1, 1)  # unequal within a group
+    # channel means unequal within a group
+    channel_offsets = torch.tensor([0.0, 4.0, -3.0, 1.0, 2.0, 2.5, -1.0, 6.0]).view(1, 8, 1, 1)
     whole = torch.randn((2, 8, 10, 13), generator=generator) * torch.linspace(0.5, 3, 13) + 2.0 + channel_offsets
     stats = GroupStatistics(groups=4)
     for x0, x1 in ((0, 3), (3, 9), (9, 13)):  # unequal parts with unequal statistics
