@@ -317,6 +317,29 @@ def test_a_split_that_no_longer_matches_comfyui_falls_back_to_whole_model_tiles(
     assert psnr(untiled, out) > 15, "whole-model tiles of the changed decoder, not our split of the old one"
 
 
+def test_the_first_use_check_also_covers_the_chunked_split_attention(comfy_host, monkeypatch):
+    """The chunked attention mirrors ComfyUI's AttnBlock; if it stopped matching (another ComfyUI
+    changed the block), the first-use check turns the split off, although its tiny latent alone
+    would never be chunked."""
+    from comfyui_memkit.vae_tiling import decode as decode_module
+    from comfyui_memkit.vae_tiling import stages as stages_module
+
+    vae = comfy_host.nodes.VAELoader().load_vae("memkit-sd-vae.safetensors")[0]
+
+    class OtherAutoencoder(type(vae.first_stage_model)):  # its own entry in the per-class check
+        pass
+
+    vae.first_stage_model.__class__ = OtherAutoencoder
+    decoder = decode_module.TiledVAEDecoder(vae, "fast")
+    real = stages_module.chunked_attention_block
+    monkeypatch.setattr(decode_module, "_split_checked", {})
+    monkeypatch.setattr(stages_module, "chunked_attention_block", lambda block, x, n: real(block, x, n) * 1.01)
+    assert decoder.split_matches_comfyui("kl-staged", precise=False) is False
+    monkeypatch.setattr(decode_module, "_split_checked", {})
+    monkeypatch.setattr(stages_module, "chunked_attention_block", real)
+    assert decoder.split_matches_comfyui("kl-staged", precise=False) is True
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_vaes_tile_like_comfyui_runs_them(comfy_host, dtype):
     import comfy.sd
