@@ -34,10 +34,11 @@ class MemKitTiledVAEDecode(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE to decode with."),
                 _int("tile_x", DEFAULTS.tile_x, SPATIAL_TOOLTIP.format(what="Tile width")),
                 _int("tile_y", DEFAULTS.tile_y, SPATIAL_TOOLTIP.format(what="Tile height")),
-                _int("tile_stride_x", DEFAULTS.stride_x, "Horizontal distance between tile starts, in pixels; "
-                     "tile_x - tile_stride_x is the overlap that is blended."),
-                _int("tile_stride_y", DEFAULTS.stride_y, "Vertical distance between tile starts, in pixels; "
-                     "tile_y - tile_stride_y is the overlap that is blended."),
+                _int("tile_stride_x", DEFAULTS.stride_x, "Horizontal step between tiles, in pixels; "
+                     "tile_x - tile_stride_x is the least overlap that is blended. The image gets as many tiles "
+                     "as this step gives, evenly spaced, shrunk to the smallest width that keeps that overlap."),
+                _int("tile_stride_y", DEFAULTS.stride_y, "Vertical step between tiles, in pixels; "
+                     "tile_y - tile_stride_y is the least overlap that is blended (tiles shrunk the same way)."),
                 _int("temporal_size", DEFAULTS.tile_t, "Video VAEs that decode a whole clip at once: frames per "
                      "chunk. Not used for image VAEs, nor for Wan, whose tiles run over every frame.",
                      minimum=4, step=4),
