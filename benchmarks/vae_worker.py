@@ -60,6 +60,11 @@ def main() -> None:
         settings = None if rest == "auto" else TileSettings(*(int(n) for n in rest.split(":")))
         plan = decoder.plan(shape, settings, free_memory=decoder.prepare(shape))
         plan_text = plan.describe()
+    cuda = vae.device.type == "cuda"
+    if cuda:  # the decode's own peak on the GPU (the loaded VAE is in the baseline)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_baseline = torch.cuda.memory_allocated()
     reset_peak_rss()
     baseline, _ = rss_now_and_peak()
     started = time.perf_counter()
@@ -73,11 +78,15 @@ def main() -> None:
             images = decoder.decode(latent, plan)
             if images.ndim == 5:
                 images = images.reshape(-1, *images.shape[-3:])
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     _, peak = rss_now_and_peak()
-    torch.save(images, out_file)
+    torch.save(images.cpu(), out_file)
     result = {"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak, "plan": plan_text,
               "shape": list(images.shape)}
+    if cuda:
+        result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated() - cuda_baseline
     if kind.startswith("memkit") and "--working-set" in sys.argv:
         from support.live_tensors import LiveTensors
 
