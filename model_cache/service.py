@@ -228,6 +228,13 @@ class MemKitService:
         self.changed()
         return evicted
 
+    def set_pinned(self, name: str, pinned: bool) -> list[str]:
+        """The user's pin (the page, /memkit/pin): see ``ModelCache.set_pinned``; tells the listeners."""
+        changed = self.cache.set_pinned(name, pinned)
+        if changed:
+            self.changed()
+        return changed
+
     def clear(self, include_pinned: bool, *, executing_thread: bool) -> list[str]:
         cleared = self.cache.clear(include_pinned, defer=not executing_thread)
         self.changed()

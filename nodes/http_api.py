@@ -112,7 +112,6 @@ def register_routes(routes: web.RouteTableDef) -> None:
         if not evicted:
             return _error(404, f"nothing cached under {body.name!r}")
         queue_release(service)
-        status_push.notify()
         return web.json_response({"evicted": evicted})
 
     @routes.post("/memkit/clear")
@@ -123,7 +122,6 @@ def register_routes(routes: web.RouteTableDef) -> None:
         service = get_service()
         evicted = service.clear(body.include_pinned, executing_thread=False)
         queue_release(service)
-        status_push.notify()
         return web.json_response({"evicted": evicted})
 
     @routes.post("/memkit/pin")
@@ -131,10 +129,9 @@ def register_routes(routes: web.RouteTableDef) -> None:
         body = await _parse(request, PinBody)
         if isinstance(body, web.Response):
             return body
-        changed = get_service().cache.set_pinned(body.name, body.pinned)  # sticks: later hits keep it
+        changed = get_service().set_pinned(body.name, body.pinned)  # sticks: later hits keep it
         if not changed:
             return _error(404, f"nothing cached under {body.name!r}")
-        status_push.notify()
         return web.json_response({"entries": changed, "pinned": body.pinned})
 
 

@@ -99,8 +99,7 @@ class MemKitReleaseEvicted(io.ComfyNode):
     @classmethod
     def execute(cls) -> io.NodeOutput:
         release_started()
-        released = "\n".join(get_service().release_evicted()) or "nothing to release"
-        status_push.notify()
+        released = "\n".join(get_service().release_evicted()) or "nothing to release"  # it tells the page
         return io.NodeOutput(released, ui=ui.PreviewText(released))
 
 

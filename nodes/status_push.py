@@ -4,11 +4,12 @@ The panel (``web/memkit_panel.js``) shows what ``GET /memkit/status`` answers; t
 the same payload to every connected page whenever it changes, so the panel follows preloads,
 loads and evictions without polling:
 
-* ``notify()`` (any thread): something changed, send soon. The routes call it after preload,
-  evict, clear and pin; the preload node after each entry (so its progress moves).
+* ``notify()`` (any thread): something changed, send soon. It listens to the service
+  (``MemKitService.changed``: loads, hits, evictions, clears, pins, releases); the preload route
+  and node call it as the preload moves (entry by entry), and /free after it drops conditionings.
 * A watcher thread also builds the status once per ``POLL_SECONDS`` while a page is connected and
-  sends it when it differs from the last one sent: that catches what nothing notifies (a loader
-  node's first load, ComfyUI moving weights to the GPU, an eviction under the RAM budget).
+  sends it when it differs from the last one sent: that catches what nothing notifies (ComfyUI
+  moving weights to the GPU).
 * At most one message per ``MIN_GAP_SECONDS``: notifications that arrive meanwhile are merged
   into the next message, which always carries the latest state.
 
