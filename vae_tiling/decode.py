@@ -22,7 +22,7 @@ from .plan import (
     recompute_factor,
     to_latent,
 )
-from .stages import ATTENTION_SCORE_BYTES, KLStages, WanStages, is_frame_causal
+from .stages import ATTENTION_SCORE_BYTES, KLStages, WanStages, is_frame_causal, split_attention
 from .synced import ParkLedger, SyncedKLDecoder
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,8 @@ class TiledVAEDecoder:
             expected = self.model.decode(latent)
             stages = KLStages(self.model) if method == "kl-staged" else WanStages(self.model)
             features = stages.latent_stage(latent)
-            if method == "kl-staged":  # the chunked split attention too (large latents only): a chunk per query
+            if method == "kl-staged" and split_attention(self.model.decoder.mid.attn_1):
+                # the chunked split attention too (large latents only): here a chunk per query
                 chunked = KLStages(self.model, attention_score_bytes=1).latent_stage(latent)
                 if not self._close(chunked, features):
                     return False

@@ -38,7 +38,8 @@ its square (640x640 SD: 328 MB of scores at once, measured as most of the latent
 SPLIT_ATTENTION = ("comfy.ldm.modules.diffusionmodules.model", "normal_attention")
 
 
-def _split_attention(block: torch.nn.Module) -> bool:
+def split_attention(block: torch.nn.Module) -> bool:
+    """True where ComfyUI runs this attention block with its split attention (``normal_attention``)."""
     attention = getattr(block, "optimized_attention", None)
     return ((getattr(attention, "__module__", None), getattr(attention, "__name__", None)) == SPLIT_ATTENTION
             and all(hasattr(block, name) for name in ("norm", "q", "k", "v", "proj_out")))
@@ -79,7 +80,7 @@ class KLStages:
         runs in chunks of queries bounded by ``attention_score_bytes`` (see ``ATTENTION_SCORE_BYTES``)."""
         positions = h.shape[-2] * h.shape[-1]
         scores = 2 * h.shape[0] * positions * positions * h.element_size()  # the scores and their softmax
-        if _split_attention(block) and scores > self.attention_score_bytes:
+        if split_attention(block) and scores > self.attention_score_bytes:
             return chunked_attention_block(block, h, self.attention_score_bytes)
         return block(h)
 

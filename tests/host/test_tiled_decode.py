@@ -381,10 +381,10 @@ def test_the_latent_stage_runs_split_attention_in_bounded_chunks_of_queries(sd_v
     ComfyUI's attention's result."""
     from support.live_tensors import LiveTensors
 
-    from comfyui_memkit.vae_tiling.stages import KLStages, _split_attention
+    from comfyui_memkit.vae_tiling.stages import KLStages, split_attention
 
     model = sd_vae.first_stage_model
-    assert _split_attention(model.decoder.mid.attn_1), "ComfyUI runs split attention in the VAE on a CPU"
+    assert split_attention(model.decoder.mid.attn_1), "ComfyUI runs split attention in the VAE on a CPU"
     latent = structured_latent((1, 4, 40, 40), SEED)  # 1600 positions: 20 MB of fp32 scores and softmax
     whole, chunked = KLStages(model, attention_score_bytes=2**40), KLStages(model, attention_score_bytes=2**21)
     with torch.inference_mode():
