@@ -45,15 +45,22 @@ class LoadWaitInterruptedError(RuntimeError):
     """The caller stopped waiting for another thread's load; that load carries on."""
 
 
+class BudgetExceededError(RuntimeError):
+    """``refuse_over_budget``: this load would take the cache over its RAM budget."""
+
+
 @dataclass(frozen=True)
 class Footprint:
-    """Bytes a cached value holds: in RAM (counted against the budget) and on accelerators."""
+    """Bytes a cached value holds: private RAM (counted against the budget), RAM mapped from
+    the model's file (the page cache can drop and reread it, so it is reported, not budgeted)
+    and accelerator memory."""
 
     ram: int = 0
     vram: int = 0
+    mapped: int = 0
 
     def __add__(self, other: Footprint) -> Footprint:
-        return Footprint(self.ram + other.ram, self.vram + other.vram)
+        return Footprint(self.ram + other.ram, self.vram + other.vram, self.mapped + other.mapped)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class CacheEntry:
     last_used: float = field(default_factory=time.monotonic)
     last_use_token: object = None
     pinned_by_user: bool | None = None  # set through ``set_pinned`` (the page, /memkit/pin): it sticks
+    stale: str | None = None  # its file changed and the reload failed (why): still served, never plainly ready
 
     @property
     def key(self) -> str:
@@ -117,9 +125,12 @@ class ModelCache:
     """Thread-safe cache of loaded models keyed by their load recipe."""
 
     def __init__(self, measure: Callable[[Any], Footprint], budget_bytes: int | None = None,
-                 wait_poll_seconds: float = 0.05) -> None:
+                 wait_poll_seconds: float = 0.05, *, estimate: Callable[[LoadRecipe], int] | None = None,
+                 refuse_over_budget: bool = False) -> None:
         self._measure = measure
+        self._estimate = estimate or (lambda recipe: recipe.file_bytes)
         self.budget_bytes = budget_bytes
+        self.refuse_over_budget = refuse_over_budget
         self._wait_poll = wait_poll_seconds
         self._lock = threading.RLock()
         self._entries: dict[str, CacheEntry] = {}
@@ -151,7 +162,7 @@ class ModelCache:
             flight = self._flights.get(recipe.key)
             owner = flight is None
             if owner:
-                flight = self._flights[recipe.key] = _Flight(alias, recipe.file_bytes)
+                flight = self._flights[recipe.key] = _Flight(alias, self._reserve(recipe))
             else:
                 flight.waiters += 1
         if not owner:
@@ -175,6 +186,7 @@ class ModelCache:
         try:
             with self._lock:
                 self._make_room(keep=recipe.key)
+                self._refuse_if_over(alias, self._committed_ram(), "would take")
             started = time.perf_counter()
             value = load()
             seconds = time.perf_counter() - started
@@ -186,11 +198,12 @@ class ModelCache:
                 if self._newer_version_cached(recipe, seq):
                     log.info("%s changed on disk while it loaded; the newer copy stays cached", alias)
                 else:
+                    self._make_room(keep=recipe.key, extra=footprint.ram)
+                    self._refuse_if_over(alias, self._committed_ram() + footprint.ram, "took")
                     self._drop_stale(recipe)
                     self._entries[recipe.key] = entry
                     self._retired.pop(recipe.key, None)
                     self.loads += 1
-                    self._make_room(keep=recipe.key)
             flight.entry = entry
         except BaseException as error:
             with self._lock:
@@ -264,26 +277,54 @@ class ModelCache:
                 log.info("%s changed on disk; dropping the stale copy", entry.alias)
                 self._remove(key, retire=False)
 
-    def _refresh(self) -> None:
-        for entry in self._entries.values():
-            entry.footprint = self._measure(entry.value)
+    def remeasure(self) -> None:
+        """Measure every entry again (ComfyUI moves weights between devices after we loaded them).
 
-    def _make_room(self, keep: str) -> None:
-        """Evict least-recently-used unpinned entries until cached + in-flight RAM fits the budget."""
+        Called off the server's event loop (the status watcher, the executing thread); the
+        measuring happens outside the lock, so requests never wait for it."""
+        with self._lock:
+            entries = list(self._entries.values())
+        measured = [(entry, self._measure(entry.value)) for entry in entries]
+        with self._lock:
+            for entry, footprint in measured:
+                if self._entries.get(entry.key) is entry:
+                    entry.footprint = footprint
+
+    def _reserve(self, recipe: LoadRecipe) -> int:
+        """What a load will take in RAM, held against the budget until it is measured."""
+        try:
+            return max(recipe.file_bytes, int(self._estimate(recipe)))
+        except Exception as error:  # an estimate never stops a load
+            log.debug("estimating %s failed: %s", recipe.key, error)
+            return recipe.file_bytes
+
+    def _refuse_if_over(self, alias: str, committed: int, verb: str) -> None:
+        if self.refuse_over_budget and self.budget_bytes is not None and committed > self.budget_bytes:
+            pinned = sum(e.footprint.ram for e in self._entries.values() if e.pinned)
+            raise BudgetExceededError(
+                f"loading {alias} {verb} the MemKit cache to {committed / 2**30:.2f} GB of RAM, over its budget "
+                f"(settings.ram_budget_gb = {self.budget_bytes / 2**30:.2f} GB; pinned entries hold "
+                f"{pinned / 2**30:.2f} GB); refused because settings.refuse_over_budget is on: unpin or evict "
+                "entries, or raise the budget")
+
+    def _make_room(self, keep: str, extra: int = 0) -> None:
+        """Evict least-recently-used unpinned entries until cached + in-flight RAM (+ ``extra``, a
+        measured load not stored yet) fits the budget."""
         if self.budget_bytes is None:
             return
-        self._refresh()
+        for entry in self._entries.values():  # loads run on the executing thread, never on the event loop
+            entry.footprint = self._measure(entry.value)
         candidates = sorted((e for e in self._entries.values() if not e.pinned and e.key != keep),
                             key=lambda e: e.last_used)
-        while self._committed_ram() > self.budget_bytes and candidates:
+        while self._committed_ram() + extra > self.budget_bytes and candidates:
             victim = candidates.pop(0)
             log.info("evicting %s (%.1f MB) to stay within the %.1f GB budget",
                      victim.alias, victim.nbytes / 2**20, self.budget_bytes / 2**30)
             self._remove(victim.key)
             self.evictions += 1
-        if self._committed_ram() > self.budget_bytes:
-            log.warning("cache holds %.1f MB of pinned or in-flight models, over the %.1f GB budget",
-                        self._committed_ram() / 2**20, self.budget_bytes / 2**30)
+        if self._committed_ram() + extra > self.budget_bytes and not self.refuse_over_budget:
+            log.warning("cache holds %.1f MB of pinned or in-flight models, over the %.1f GB budget (status shows "
+                        "by how much)", (self._committed_ram() + extra) / 2**20, self.budget_bytes / 2**30)
 
     def _committed_ram(self) -> int:
         return sum(e.footprint.ram for e in self._entries.values()) + sum(f.reserved for f in self._flights.values())
@@ -359,9 +400,30 @@ class ModelCache:
             return sum(e.footprint.ram for e in self._entries.values())
 
     def footprint(self) -> Footprint:
+        """The entries' footprints as last measured (``remeasure``): reading it measures nothing."""
         with self._lock:
-            self._refresh()
             return sum((e.footprint for e in self._entries.values()), Footprint())
+
+    def over_budget_bytes(self) -> int:
+        """How far the cached entries' private RAM is over the budget (pinned entries can be)."""
+        with self._lock:
+            if self.budget_bytes is None:
+                return 0
+            return max(0, sum(e.footprint.ram for e in self._entries.values()) - self.budget_bytes)
+
+    def serve_stale(self, recipe: LoadRecipe, reason: str, *, pinned: bool = False,
+                    use_token: object = None) -> LoadOutcome | None:
+        """The copy of an earlier version of ``recipe``'s files (same lineage), when loading the
+        current version failed: it is marked stale with ``reason`` and handed out (a file being
+        rewritten must not take a served model away). None when there is no such copy."""
+        with self._lock:
+            older = [e for e in self._entries.values() if e.recipe.lineage == recipe.lineage and e.key != recipe.key]
+            if not older:
+                return None
+            entry = max(older, key=lambda e: e.seq)
+            entry.stale = reason
+            self._hit(entry, pinned, use_token)
+            return LoadOutcome(entry.value, entry, hit=True)
 
     def reserved_bytes(self) -> int:
         with self._lock:

@@ -12,10 +12,13 @@ management keeps its state without a lock).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import inspect
+import itertools
 import json
+import math
 import uuid
 import weakref
 from collections.abc import Iterable
@@ -309,11 +312,46 @@ def _tensors(value: LoadedValue) -> Iterable[torch.Tensor]:
             yield from (v for v in vars(part).values() if isinstance(v, torch.Tensor))
 
 
+def _patch_backups(value: LoadedValue) -> Iterable[torch.Tensor]:
+    """The original weights ComfyUI's patchers keep while patches (LoRA) are applied in place.
+
+    A clone shares its parent's ``backup`` dict, so what a prompt's clone backs up is found on
+    the cached patcher; memory a cached model costs while in use."""
+    for patcher in patchers(value):
+        for saved in list(getattr(patcher, "backup", {}).values()):
+            weight = getattr(saved, "weight", saved[0] if isinstance(saved, tuple) and saved else None)
+            if isinstance(weight, torch.Tensor):
+                yield weight
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files (``/proc/self/maps``; [] elsewhere)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                    start, _, end = fields[0].partition("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    ranges.sort()
+    return ranges
+
+
+def _mapped(pointer: int, ranges: list[tuple[int, int]]) -> bool:
+    index = bisect.bisect_right(ranges, (pointer, float("inf"))) - 1
+    return index >= 0 and ranges[index][0] <= pointer < ranges[index][1]
+
+
 def footprint(value: LoadedValue) -> Footprint:
-    """Bytes of the distinct tensor storages a value holds, RAM and accelerator apart."""
+    """Bytes of the distinct tensor storages a value holds (with its patchers' backups): private
+    RAM, RAM mapped from a file (e.g. a loader that memory-maps its weights) and accelerator memory."""
     seen: set[tuple[str, int]] = set()
-    ram = vram = 0
-    for tensor in _tensors(value):
+    ram = vram = mapped = 0
+    ranges: list[tuple[int, int]] | None = None
+    for tensor in itertools.chain(_tensors(value), _patch_backups(value)):
         if tensor.device.type == "meta":
             continue
         storage = tensor.untyped_storage()
@@ -321,11 +359,75 @@ def footprint(value: LoadedValue) -> Footprint:
         if ident in seen:
             continue
         seen.add(ident)
-        if tensor.device.type == "cpu":
-            ram += storage.nbytes()
-        else:
+        if tensor.device.type != "cpu":
             vram += storage.nbytes()
-    return Footprint(ram, vram)
+            continue
+        if ranges is None:
+            ranges = _file_mappings()
+        if _mapped(storage.data_ptr(), ranges):
+            mapped += storage.nbytes()
+        else:
+            ram += storage.nbytes()
+    return Footprint(ram, vram, mapped)
+
+
+_UPCAST_KINDS = (ModelKind.CHECKPOINT, ModelKind.DIFFUSION_MODEL, ModelKind.VAE)
+_TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def expected_ram(recipe: Any) -> int:
+    """RAM a load will take, before it is made (the budget reserves it): each safetensors file's
+    tensors at the dtype ComfyUI will hold them in. On a CPU ComfyUI computes the diffusion model
+    and the VAE in float32, so 16-bit weights double (text encoders stay 16-bit); an fp8
+    ``weight_dtype`` stores one byte. Other formats (GGUF, .ckpt): the file size."""
+    on_cpu = _compute_on_cpu()
+    weight_dtype = dict(recipe.options).get("weight_dtype", "default")
+    total = 0
+    for path, identity in zip(recipe.paths, recipe.identities):
+        header = _safetensors_header(path) if path.endswith(".safetensors") else None
+        if header is None:
+            total += identity.size
+            continue
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            dtype, count = info.get("dtype", ""), math.prod(info.get("shape", []))
+            size = _DTYPE_BYTES.get(dtype, 4)
+            if dtype in _FLOATS and weight_dtype.startswith("fp8"):
+                size = 1
+            elif (dtype in _FLOATS and on_cpu and recipe.kind in _UPCAST_KINDS
+                  and not name.startswith(_TEXT_ENCODER_PREFIXES)):
+                size = max(size, 4)
+            total += count * size
+    return total
+
+
+def _safetensors_header(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= 100 * 2**20:
+                return None
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _compute_on_cpu() -> bool:
+    import comfy.model_management as mm
+
+    return mm.get_torch_device().type == "cpu"
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` is ComfyUI's /interrupt (it must stop a preload, not fail one entry)."""
+    import comfy.model_management
+
+    return isinstance(error, comfy.model_management.InterruptProcessingException)
 
 
 def devices(value: LoadedValue) -> str:

@@ -20,7 +20,8 @@ import psutil
 
 from . import comfy_models
 from .aliases import AliasRegistry, entry_alias
-from .cache import LoadOutcome, LoadWaitInterruptedError, ModelCache
+from .bounded import cut, listed
+from .cache import CacheLoadError, LoadOutcome, LoadWaitInterruptedError, ModelCache
 from .conditioning import Conditioning, ConditioningCache, conditioning_key
 from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config, node_load_options
 from .node_inputs import NodeInputsError, check_node_inputs
@@ -58,12 +59,13 @@ class MemKitService:
         settings = config.settings
         budget = (int(settings.ram_budget_gb * 2**30) if settings.ram_budget_gb
                   else int(psutil.virtual_memory().total * DEFAULT_BUDGET_FRACTION))
-        self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget)
+        self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget, estimate=comfy_models.expected_ram,
+                                refuse_over_budget=getattr(settings, "refuse_over_budget", False))
         self.identities = FileIdentityReader(hash_contents=settings.hash_contents)
         self.aliases = AliasRegistry(config.enabled_entries())
         self.listeners: list[Callable[[], None]] = []  # told when the cache changes (the page's live status)
         expected = bool(config.warmup_prompt) or (settings.preload_mode != "off" and bool(config.enabled_entries()))
-        self.preload = PreloadState(mode=settings.preload_mode, expected=expected)
+        self.preload = PreloadState(mode=settings.preload_mode, expected=expected, on_change=self.changed)
         user = comfy_models.user_directory()
         self.conditioning = ConditioningCache(
             ram_bytes=int(settings.conditioning_ram_gb * 2**30),
@@ -125,7 +127,18 @@ class MemKitService:
         except LoadWaitInterruptedError as stopped:
             log.warning("[memkit] interrupted: %s", stopped)
             comfy_models.raise_interrupt()
+        except (ModelLoadError, CacheLoadError) as failed:
+            # the file changed on disk and the new version does not load (truncated, half copied):
+            # keep serving the copy we have, shown as stale with the reason, rather than failing prompts
+            older = self.cache.serve_stale(recipe, cut(str(failed), 500), pinned=pinned, use_token=use_token)
+            if older is None:
+                raise
+            log.warning("[memkit] %s: %s; serving the copy loaded before the file changed (status: stale)",
+                        alias, cut(str(failed), 500))
+            self.changed()
+            return older
         self.aliases.remember(kind, alias, names, options)
+        self.preload.clear_failure(alias)  # a successful load clears a failure, wherever it happened
         if executing_thread and not outcome.hit and self.config.settings.auto_gpu_load:
             comfy_models.place_on_device(outcome.value)
         if self.config.settings.verbose:
@@ -152,7 +165,6 @@ class MemKitService:
         known = self.aliases.lookup(kind, alias)
         outcome = self.request(kind, list(known.names), dict(known.options), alias=alias, pinned=known.pinned,
                                use_token=use_token, executing_thread=True)
-        self.preload.clear_failure(alias)
         return comfy_models.clone(outcome.value)
 
     def fingerprint(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
@@ -276,16 +288,17 @@ class MemKitService:
     # --- preloading -----------------------------------------------------------------------
 
     def entries_for(self, aliases: list[str] | None) -> list[PreloadEntry]:
-        """Enabled config entries by cache key (all of them for None); unknown keys are a ValueError."""
+        """Enabled config entries by cache key (all of them for None; repeats count once); unknown
+        keys are a ValueError naming them (bounded)."""
         entries = self.config.enabled_entries()
         if aliases is None:
             return entries
         by_alias = {entry_alias(e): e for e in entries}
-        unknown = [a for a in aliases if a not in by_alias]
+        wanted = list(dict.fromkeys(aliases))
+        unknown = [a for a in wanted if a not in by_alias]
         if unknown:
-            raise ValueError(f"unknown cache key(s) {', '.join(map(repr, unknown))}; configured: "
-                             f"{', '.join(by_alias) or 'none'}")
-        return [by_alias[a] for a in aliases]
+            raise ValueError(f"unknown cache key(s) {listed(unknown)}; configured: {listed(by_alias) or 'none'}")
+        return [by_alias[a] for a in wanted]
 
     def preload_entries(self, entries: list[PreloadEntry], *, executing_thread: bool,
                         on_entry: Callable[[str, str | None], None] | None = None) -> dict[str, str]:
@@ -306,10 +319,13 @@ class MemKitService:
                                        pinned=entry.pinned, executing_thread=executing_thread)
                 if executing_thread and outcome.hit and self.config.settings.auto_gpu_load:
                     comfy_models.place_on_device(outcome.value)  # a miss was placed by request()
-            except Exception as failure:  # one bad entry must not stop the others
-                error = str(failure)
+            except Exception as failure:  # one bad entry must not stop the others; /interrupt stops them all
+                if comfy_models.is_interrupt(failure):
+                    raise
+                error = cut(str(failure), 1000)
                 failures[alias] = error
                 log.error("[memkit] %s: preloading %s failed: %s", self.config.path, alias, error)
+            self.preload.entry_done(alias, error)  # before anything else can raise (the bar: /interrupt)
             if on_entry is not None:
                 on_entry(alias, error)
         return failures

@@ -1,57 +1,104 @@
-"""The cache as ``/memkit/status`` and the info nodes report it: a plain JSON-able snapshot."""
+"""The cache as ``/memkit/status``, the panel and the info nodes report it: one row per cache key.
+
+One source for every reader. Nothing here measures tensors: footprints are measured at load,
+before eviction decisions and by ``ModelCache.remeasure`` off the server's event loop, so
+building the status is cheap and never blocks the routes.
+
+A key's row takes the most telling of its records: a cached copy (``ready``, or ``stale`` when
+its file changed and the reload failed, or when its latest load failed), else ``loading``,
+``releasing``, ``evicted-held`` (evicted, still held by a prompt or ComfyUI's output cache),
+``failed``. Totals are the sums of the ready and stale rows.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from . import comfy_models
-from .cache import Footprint, RetiredEntry
+from .cache import CacheEntry, Footprint
 from .recipe import LoadRecipe
 from .service import MemKitService
 
 
 def _describe(alias: str, recipe: LoadRecipe, footprint: Footprint, state: str) -> dict[str, Any]:
     return {"cache_key": alias, "kind": recipe.kind.value, "key": recipe.key, "files": list(recipe.paths),
-            "ram_bytes": footprint.ram, "vram_bytes": footprint.vram, "state": state}
+            "ram_bytes": footprint.ram, "mapped_bytes": footprint.mapped, "vram_bytes": footprint.vram,
+            "state": state}
 
 
-def _measure_now(retired: RetiredEntry) -> Footprint:
-    value = retired.ref()
-    return comfy_models.footprint(value) if value is not None else Footprint()
+def _cached_row(entry: CacheEntry, failure: str | None, over_budget: int) -> dict[str, Any]:
+    reason = entry.stale or failure
+    row = {**_describe(entry.alias, entry.recipe, entry.footprint, "stale" if reason else "ready"),
+           "options": dict(entry.recipe.options), "device": comfy_models.devices(entry.value), "hits": entry.hits,
+           "uses": entry.uses, "load_seconds": round(entry.load_seconds, 3), "pinned": entry.pinned,
+           "shared": comfy_models.shared_parts(entry.value)}
+    if reason:
+        row["error"] = reason
+    if over_budget and entry.pinned:
+        row["over_budget"] = True
+    return row
+
+
+def status_rows(service: MemKitService) -> list[dict[str, Any]]:
+    """One row per cache key (cached entries in load order, then the others)."""
+    cache = service.cache
+    failures = service.preload.snapshot().failures
+    over = cache.over_budget_bytes()
+    rows: dict[str, dict[str, Any]] = {}
+    for entry in sorted(cache.entries(), key=lambda e: e.seq):
+        row = _cached_row(entry, failures.get(entry.alias), over)
+        if entry.alias in rows:  # two versions under one key (a file changed while it loaded): one row
+            row["copies"] = rows[entry.alias].get("copies", 1) + 1
+            for field in ("ram_bytes", "mapped_bytes", "vram_bytes"):
+                row[field] += rows[entry.alias][field]
+        rows[entry.alias] = row
+    for alias, waiting in cache.loading():
+        rows.setdefault(alias, {"cache_key": alias, "state": "loading", "waiting": waiting})
+    for entry in cache.releasing():
+        rows.setdefault(entry.alias, _describe(entry.alias, entry.recipe, entry.footprint, "releasing"))
+    for retired in cache.retired():
+        rows.setdefault(retired.alias, _describe(retired.alias, retired.recipe, retired.footprint, "evicted-held"))
+    for alias, error in failures.items():
+        rows.setdefault(alias, {"cache_key": alias, "state": "failed", "error": error})
+    return list(rows.values())
+
+
+def readiness(service: MemKitService) -> dict[str, Any]:
+    """What ``/memkit/ready`` answers. ``ready``: every preload entry has an outcome and the
+    warm-up ran; its state is ``degraded`` when an entry failed or is stale, the warm-up failed
+    or the run went wrong as a whole."""
+    state = service.preload.snapshot()
+    stale = sorted(e.alias for e in service.cache.entries() if e.stale)
+    name = "degraded" if state.state == "ready" and stale else state.state
+    return {"ready": state.ready, "state": name, "mode": state.mode, "phase": state.phase, "done": state.done,
+            "total": state.total, "failed": sorted(state.failures), "stale": stale,
+            "warmup_error": state.warmup_error, "error": state.error}
 
 
 def build_status(service: MemKitService) -> dict[str, Any]:
-    """Every entry (ready, loading, evicted but still held, failed), totals and preload progress.
+    """Every key's row, totals, preload progress, the conditioning cache and the config's problems.
 
-    ``ram_bytes`` and ``vram_bytes`` are measured now (ComfyUI moves weights between devices);
-    only RAM counts against ``budget_bytes``. ``evicted_held_ram_bytes`` is memory of evicted
-    entries that a prompt or ComfyUI's output cache still holds: it is freed when they let go.
+    ``ram_bytes`` is private RAM (what the budget counts), ``mapped_bytes`` RAM mapped from the
+    model files, ``vram_bytes`` accelerator memory. ``over_budget_bytes``: how far pinned
+    entries hold the cache over its budget. ``evicted_held_ram_bytes``: memory of evicted
+    entries that a prompt or ComfyUI's output cache still holds, freed when they let go.
     """
     cache = service.cache
+    rows = status_rows(service)
     total = cache.footprint()
-    entries: list[dict[str, Any]] = [
-        {**_describe(e.alias, e.recipe, e.footprint, "ready"), "options": dict(e.recipe.options),
-         "bytes": e.footprint.ram, "device": comfy_models.devices(e.value), "hits": e.hits, "uses": e.uses,
-         "load_seconds": round(e.load_seconds, 3), "pinned": e.pinned,
-         "shared": comfy_models.shared_parts(e.value)}
-        for e in cache.entries()
-    ]
-    entries += [{"cache_key": alias, "state": "loading", "waiting": waiting} for alias, waiting in cache.loading()]
-    entries += [_describe(e.alias, e.recipe, e.footprint, "releasing") for e in cache.releasing()]
-    held = [(r, _measure_now(r)) for r in cache.retired()]
-    entries += [_describe(r.alias, r.recipe, fp, "evicted-held") for r, fp in held]
-    preload = service.preload.snapshot()
-    entries += [{"cache_key": alias, "state": "failed", "error": error} for alias, error in preload.failures.items()]
+    held = [row for row in rows if row["state"] == "evicted-held"]
+    ready = readiness(service)
     return {
-        "entries": entries,
-        "totals": {"entries": len(cache.entries()), "bytes": total.ram, "ram_bytes": total.ram,
+        "entries": rows,
+        "totals": {"entries": len(cache.entries()), "ram_bytes": total.ram, "mapped_bytes": total.mapped,
                    "vram_bytes": total.vram, "reserved_bytes": cache.reserved_bytes(),
-                   "budget_bytes": cache.budget_bytes,
-                   "evicted_held_ram_bytes": sum(fp.ram for _, fp in held),
+                   "budget_bytes": cache.budget_bytes, "over_budget_bytes": cache.over_budget_bytes(),
+                   "refuse_over_budget": cache.refuse_over_budget,
+                   "evicted_held_ram_bytes": sum(row["ram_bytes"] for row in held),
                    "loads": cache.loads, "evictions": cache.evictions, "readoptions": cache.readoptions},
-        "preload": {"mode": preload.mode, "phase": preload.phase, "state": preload.state, "ready": preload.ready,
-                    "total": preload.total, "done": preload.done, "failed": len(preload.failures),
-                    "warmup_error": preload.warmup_error},
+        "preload": {**{k: ready[k] for k in ("mode", "phase", "state", "ready", "total", "done", "warmup_error",
+                                              "error")},
+                    "failed": len(ready["failed"]), "stale": len(ready["stale"])},
         "conditioning": service.conditioning.report(),
         "config": {"path": str(service.config.path) if service.config.path else None,
                    "problems": list(service.config.problems)},

@@ -40,11 +40,15 @@ def format_table(status: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{totals['entries']} cached, {totals['ram_bytes'] / 2**30:.2f} GB RAM"
                  + (f" of {budget / 2**30:.1f} GB budget" if budget else "")
+                 + (f" (pinned entries hold {totals['over_budget_bytes'] / 2**30:.2f} GB over it)"
+                    if totals.get("over_budget_bytes") else "")
+                 + (f", {totals['mapped_bytes'] / 2**30:.2f} GB mapped from files" if totals.get("mapped_bytes") else "")
                  + f", {totals['vram_bytes'] / 2**30:.2f} GB VRAM"
                  + (f", {totals['evicted_held_ram_bytes'] / 2**30:.2f} GB held by evicted entries"
                     if totals["evicted_held_ram_bytes"] else "")
                  + f"; loads {totals['loads']}, evictions {totals['evictions']}; preload {preload['mode']}: "
-                 + f"{preload['done']}/{preload['total']} done, {preload['failed']} failed")
+                 + f"{preload['done']}/{preload['total']} done, {preload['failed']} failed"
+                 + (f", {preload['stale']} stale" if preload.get("stale") else "") + f" ({preload['state']})")
     c = status["conditioning"]
     lines.append(f"conditioning cache: {c['ram_entries']} in RAM ({c['ram_bytes'] / 2**20:.1f} MB), {c['disk_files']} "
                  f"on disk ({c['disk_bytes'] / 2**20:.1f} MB); hits {c['ram_hits']} RAM, {c['disk_hits']} disk; "
@@ -99,7 +103,8 @@ class MemKitCacheStatus(io.ComfyNode):
         service = get_service()
         found = service.cache.find(name.strip())
         if found:
-            detail = "\n".join(f"{e.alias}: {e.recipe.kind.value}, {e.footprint.ram / 2**20:.1f} MB RAM, "
+            detail = "\n".join(f"{e.alias}: {'stale (' + e.stale + '), ' if e.stale else ''}{e.recipe.kind.value}, "
+                               f"{e.footprint.ram / 2**20:.1f} MB RAM, "
                                f"{e.footprint.vram / 2**20:.1f} MB VRAM on {comfy_models.devices(e.value)}, "
                                f"{e.hits} hits, {e.uses} uses, loaded in {e.load_seconds:.2f} s, "
                                f"{'pinned' if e.pinned else 'unpinned'}" for e in found)

@@ -16,6 +16,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..model_cache import comfy_models
 from ..model_cache.aliases import entry_alias
+from ..model_cache.bounded import cut
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import MemKitService, get_service
 
@@ -79,29 +80,36 @@ def start_preload(service: MemKitService) -> None:
         return
     run_id = uuid.uuid4().hex
     if settings.preload_mode == "background" and entries:
-        service.preload.begin(len(entries), "reading", run_id=run_id, warmup=warmup is not None)
+        service.preload.begin([entry_alias(e) for e in entries], "reading", run_id=run_id, warmup=warmup is not None)
         queue_preload(service, entries, run_id, read_files=True, warmup=warmup)
         return
-    service.preload.begin(len(entries), "loading", run_id=run_id, warmup=warmup is not None)
+    service.preload.begin([entry_alias(e) for e in entries], "loading", run_id=run_id, warmup=warmup is not None)
     # Other loader nodes run arbitrary code (and may come from packs ComfyUI loads after this one):
     # they are always built on the executing thread, by the queued prompt.
     core = [e for e in entries if e.kind is not ModelKind.NODE]
-    failures = service.preload_entries(core, executing_thread=False, on_entry=service.preload.entry_done)
+    failures = service.preload_entries(core, executing_thread=False)
     to_place = [e for e in core if entry_alias(e) not in failures] if settings.auto_gpu_load else []
     to_queue = to_place + [e for e in entries if e.kind is ModelKind.NODE]
     if to_queue or warmup is not None:
         queue_preload(service, to_queue, run_id, read_files=False, warmup=warmup)  # on the executing thread
     else:
-        service.preload.finish()
+        service.preload.finish(run_id)
 
 
 class MemKitExtension(ComfyExtension):
     def __init__(self) -> None:
         _attach_to_server()
         try:
-            start_preload(get_service())
+            service = get_service()
+        except Exception as error:  # the nodes still register; each of them reports the problem
+            log.exception("[memkit] the MemKit service could not start: %s", error)
+            return
+        try:
+            start_preload(service)
         except Exception as error:  # the nodes still register; status shows the problem
             log.exception("[memkit] start-up preload could not start: %s", error)
+            service.preload.finish(reason=f"the start-up preload could not start ({type(error).__name__}: "
+                                          f"{cut(str(error), 300)})")
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = []

@@ -6,21 +6,27 @@ also put it in a workflow (e.g. first in a warm-up workflow) to load entries by 
 
 from __future__ import annotations
 
-import re
 import time
 
 import comfy.utils
 from comfy_api.latest import io, ui
 
+from ..model_cache.bounded import cut
 from ..model_cache.service import get_service
-from . import status_push
 from .preload_queue import release_started
 
 
 def parse_keys(text: str) -> list[str] | None:
-    """Cache keys separated by newlines or commas; None (every enabled entry) when empty."""
-    keys = [k.strip() for k in re.split(r"[\n,]", text) if k.strip()]
-    return keys or None
+    """One cache key per line (a key may hold commas, never a line break); repeats count once;
+    None (every enabled entry) when empty."""
+    keys = [line.strip() for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(keys)) or None
+
+
+def _stopped(error: BaseException) -> str:
+    if type(error).__name__ == "InterruptProcessingException":  # comfy.model_management's, raised by /interrupt
+        return "interrupted (/interrupt) before it was loaded; it loads when a prompt first uses it"
+    return f"the preload node stopped before loading it ({type(error).__name__}: {cut(str(error), 300)})"
 
 
 class MemKitPreload(io.ComfyNode):
@@ -35,8 +41,8 @@ class MemKitPreload(io.ComfyNode):
                         "built on ComfyUI's executing thread, never beside a running prompt.",
             inputs=[
                 io.String.Input("cache_keys", default="", multiline=True,
-                                tooltip="Cache keys of enabled preload_config.json entries, one per line or "
-                                        "comma-separated. Empty: every enabled entry."),
+                                tooltip="Cache keys of enabled preload_config.json entries, one per line (a key "
+                                        "may contain commas). Empty: every enabled entry."),
                 io.String.Input("run_id", default="", optional=True,
                                 tooltip="Set by MemKit's start-up preload so /memkit/ready follows this run; "
                                         "leave empty."),
@@ -52,26 +58,25 @@ class MemKitPreload(io.ComfyNode):
     @classmethod
     def execute(cls, cache_keys: str, run_id: str = "") -> io.NodeOutput:
         service = get_service()
-        owned = service.preload.owns(run_id)
-        try:  # whatever happens, the run this prompt belongs to ends (/memkit/ready never sticks)
-            if owned:
-                service.preload.set_phase("loading")
-                status_push.notify()
+        keys = service.preload.queued(run_id) if run_id else parse_keys(cache_keys)
+        if run_id and keys is None:  # its run was ended meanwhile (deadline, a restart of the queue)
+            summary = "this preload run has ended already; nothing loaded"
+            return io.NodeOutput(summary, ui=ui.PreviewText(summary))
+        reason = None
+        try:  # whatever happens, the run this prompt belongs to ends with an outcome for every key
+            if run_id:
+                service.preload.set_phase("loading", run_id)
             service.release_evicted()
-            entries = service.entries_for(parse_keys(cache_keys))
+            entries = service.entries_for(keys)
             bar = comfy.utils.ProgressBar(max(1, len(entries)))
-
-            def on_entry(alias: str, error: str | None) -> None:
-                bar.update(1)
-                if owned:
-                    service.preload.entry_done(alias, error)
-                status_push.notify()  # the page's progress moves entry by entry
-
-            failures = service.preload_entries(entries, executing_thread=True, on_entry=on_entry)
+            # the entry is reported (by the service) before the bar moves: its update may raise /interrupt
+            failures = service.preload_entries(entries, executing_thread=True, on_entry=lambda *_: bar.update(1))
+        except BaseException as error:
+            reason = _stopped(error)
+            raise
         finally:
-            if owned:
-                service.preload.finish()
-            status_push.notify()
+            if run_id:
+                service.preload.finish(run_id, reason)
         lines = [f"{alias}: failed: {error}" for alias, error in failures.items()]
         summary = f"{len(entries) - len(failures)} of {len(entries)} entries loaded" + "".join(f"\n{x}" for x in lines)
         return io.NodeOutput(summary, ui=ui.PreviewText(summary))

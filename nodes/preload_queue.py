@@ -8,6 +8,7 @@ ComfyUI runs it between the user's prompts, with its progress bar and its interr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import ssl
@@ -19,17 +20,17 @@ import uuid
 from typing import Any
 
 from ..model_cache.aliases import entry_alias
+from ..model_cache.bounded import cut, shown
 from ..model_cache.config import PreloadEntry
 from ..model_cache.preload import warm_page_cache
-from ..model_cache.recipe import ModelKind
 from ..model_cache.service import MemKitService
-from . import status_push
 
 log = logging.getLogger("memkit.preload")
 
 PRELOAD_NODE = "MemKitPreload"
 SERVER_WAIT_SECONDS = 600.0
 CLIENT_ID = "memkit-preload"
+MAX_ANSWER_BYTES = 64 * 2**20  # /queue carries every queued prompt's body
 
 
 def _server_url() -> str | None:
@@ -49,13 +50,32 @@ def _server_url() -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
-# our own server on loopback: never through an HTTP proxy from the environment, no certificate check
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+class LoopbackRefusedError(RuntimeError):
+    """This ComfyUI answered MemKit's own loopback call, but not as ComfyUI does (an auth layer, a
+    redirect, TLS): retrying cannot help, and the message says what to do."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect (e.g. an auth proxy's login page) is reported, never followed: it may lead anywhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib calls it so
+        return None
+
+
+# Our own server on loopback: never through an HTTP proxy from the environment, never following a
+# redirect. Over TLS the certificate is ComfyUI's own (often self-signed), and the address is ours.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects(),
                                       urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+_AUTH_HINT = ("an authentication layer (a login node or a proxy) answers for ComfyUI: let requests from this "
+              "machine's loopback address through to /prompt, /history and /queue, or MemKit cannot put its "
+              "preload on ComfyUI's queue (entries then load when a prompt first uses them)")
 
 
 def _call(method: str, path: str, body: Any = None, wait_seconds: float = SERVER_WAIT_SECONDS) -> Any:
-    """One JSON request to this ComfyUI, waiting for it to listen; an HTTP error is final."""
+    """One JSON request to this ComfyUI, waiting (up to ``wait_seconds``) for it to listen.
+
+    An answer that is not ComfyUI's (401/403, a redirect, a page that is not JSON, a TLS failure)
+    raises ``LoopbackRefusedError`` at once; another HTTP error raises RuntimeError."""
     deadline = time.monotonic() + wait_seconds
     data = json.dumps(body).encode() if body is not None else None
     last_error: Exception | None = None
@@ -66,18 +86,39 @@ def _call(method: str, path: str, body: Any = None, wait_seconds: float = SERVER
                                              headers={"Content-Type": "application/json"})
             try:
                 with _OPENER.open(request, timeout=30) as response:
-                    return json.loads(response.read())
+                    raw = response.read(MAX_ANSWER_BYTES)
             except urllib.error.HTTPError as error:  # the server answered: no point in retrying
-                raise RuntimeError(f"{method} {path} answered {error.code}: {error.read()[:500]!r}") from None
-            except OSError as error:  # not listening yet
+                what = f"ComfyUI's {method} {path} on {url} answered {error.code}"
+                if error.code in (401, 403, 407):
+                    raise LoopbackRefusedError(f"{what}: {_AUTH_HINT}") from None
+                if 300 <= error.code < 400:
+                    where = shown(error.headers.get("Location", "?"), 120)
+                    raise LoopbackRefusedError(f"{what} (a redirect to {where}, not followed): {_AUTH_HINT}") from None
+                raise RuntimeError(f"{what}: {shown(error.read(500).decode('utf-8', 'replace'), 300)}") from None
+            except urllib.error.URLError as error:
+                if isinstance(error.reason, ssl.SSLError):
+                    raise LoopbackRefusedError(f"TLS with ComfyUI's own server on {url} failed ({error.reason}); "
+                                               "MemKit queues its preload through it") from None
+                last_error = error  # not listening yet
+            except OSError as error:
                 last_error = error
+            else:
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise LoopbackRefusedError(f"ComfyUI's {method} {path} on {url} answered with something that is "
+                                               f"not JSON ({shown(raw[:80].decode('utf-8', 'replace'), 100)}): "
+                                               f"{_AUTH_HINT}") from None
         time.sleep(0.25)
     raise RuntimeError(f"ComfyUI's server did not answer {method} {path} within {wait_seconds:.0f} s ({last_error})")
 
 
 def queue_prompt(prompt: dict[str, Any], wait_seconds: float = SERVER_WAIT_SECONDS) -> str:
     """POST a prompt to this ComfyUI's /prompt (its own queue); returns the prompt id."""
-    return _call("POST", "/prompt", {"prompt": prompt, "client_id": CLIENT_ID}, wait_seconds)["prompt_id"]
+    answer = _call("POST", "/prompt", {"prompt": prompt, "client_id": CLIENT_ID}, wait_seconds)
+    if not isinstance(answer, dict) or not isinstance(answer.get("prompt_id"), str):
+        raise LoopbackRefusedError(f"ComfyUI's POST /prompt answered without a prompt id ({shown(answer, 120)})")
+    return answer["prompt_id"]
 
 
 def _outcome(item: dict[str, Any]) -> str | None:
@@ -87,32 +128,53 @@ def _outcome(item: dict[str, Any]) -> str | None:
     errors = [m[1] for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
     reason = "; ".join(f"{e.get('node_type', '?')}: {e.get('exception_message', 'interrupted').strip()}"
                        for e in errors)
-    return reason or f"ended with status {status.get('status_str')!r}"
+    return cut(reason, 500) if reason else f"ended with status {status.get('status_str')!r}"
 
 
-def prompt_error(prompt_id: str) -> str | None:
-    """Wait for a queued prompt to end; None when it succeeded, else why not (its error, or that
-    it was removed from the queue before it ran)."""
+def queue_wait_seconds(service: MemKitService) -> float:
+    """How long MemKit's own prompts may wait behind the user's (``settings.queue_wait_minutes``)."""
+    return float(getattr(service.config.settings, "queue_wait_minutes", 360)) * 60
+
+
+def prompt_error(prompt_id: str, wait_seconds: float = 6 * 3600) -> str | None:
+    """Wait (at most ``wait_seconds``) for a queued prompt to end; None when it succeeded, else why not
+    (its error, that it was removed from the queue before it ran, or that the wait ran out, in which
+    case the prompt is taken off the queue if it has not started).
+
+    Polls its own history entry (small) with a growing pause up to 2 s, and ComfyUI's whole
+    ``/queue`` (every prompt's body) only every 5 s."""
+    deadline = time.monotonic() + wait_seconds
+    pause, next_queue_check = 0.1, time.monotonic() + 1.0
     while True:
         item = _call("GET", f"/history/{prompt_id}").get(prompt_id)
         if item is not None:
             return _outcome(item)
-        queue = _call("GET", "/queue")
-        queued = {entry[1] for entry in queue.get("queue_running", []) + queue.get("queue_pending", [])}
-        if prompt_id not in queued:
-            item = _call("GET", f"/history/{prompt_id}").get(prompt_id)  # it may have just ended
-            return _outcome(item) if item is not None else "removed from ComfyUI's queue before it ran"
-        time.sleep(0.2)
+        now = time.monotonic()
+        if now >= deadline:
+            with contextlib.suppress(Exception):
+                _call("POST", "/queue", {"delete": [prompt_id]}, wait_seconds=30)
+            return (f"it was still waiting on ComfyUI's queue after {wait_seconds / 60:.0f} minutes "
+                    "(settings.queue_wait_minutes)")
+        if now >= next_queue_check:
+            next_queue_check = now + 5.0
+            queue = _call("GET", "/queue")
+            queued = {entry[1] for entry in queue.get("queue_running", []) + queue.get("queue_pending", [])}
+            if prompt_id not in queued:
+                item = _call("GET", f"/history/{prompt_id}").get(prompt_id)  # it may have just ended
+                return _outcome(item) if item is not None else "removed from ComfyUI's queue before it ran"
+        time.sleep(min(pause, max(0.0, deadline - now)))
+        pause = min(pause * 1.5, 2.0)
 
 
-def preload_prompt(aliases: list[str], run_id: str) -> dict[str, Any]:
-    return {"1": {"class_type": PRELOAD_NODE, "inputs": {"cache_keys": "\n".join(aliases), "run_id": run_id}}}
+def preload_prompt(run_id: str) -> dict[str, Any]:
+    """The prompt of a run: its cache keys stay with the run (``PreloadState.queued``), as a list."""
+    return {"1": {"class_type": PRELOAD_NODE, "inputs": {"cache_keys": "", "run_id": run_id}}}
 
 
 def start_background_preload(service: MemKitService, entries: list[PreloadEntry]) -> bool:
     """Read the entries' files on a thread, then queue their build; False if a preload runs already."""
     run_id = uuid.uuid4().hex
-    if not service.preload.begin(len(entries), "reading", run_id=run_id):
+    if not service.preload.begin([entry_alias(e) for e in entries], "reading", run_id=run_id):
         return False
     queue_preload(service, entries, run_id, read_files=True)
     return True
@@ -123,43 +185,32 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
     """On a thread: optionally read the files ahead, queue the ``MemKitPreload`` prompt of run
     ``run_id`` (when there are entries) and wait for it, then run the warm-up workflow.
 
-    The run always ends: if the preload prompt fails before its node reports, or is removed from
-    the queue, the entries it did not report are marked failed with the reason.
+    The run always ends with an outcome for every key: if the prompt fails before its node
+    reports, is removed from the queue, is refused or waits past the deadline, ``finish`` marks
+    what it did not report as failed, with the reason.
     """
-    already_loaded = not read_files  # a blocking preload: the prompt only places the models
-
     def run() -> None:
-        aliases = [entry_alias(e) for e in entries]
+        keys = [entry_alias(e) for e in entries]
         if read_files:
             for entry in entries:
                 try:
                     warm_page_cache(service.recipe(entry.kind, entry.file_names(), entry.load_options()).paths)
                 except Exception as error:  # the build reports it, naming the entry
                     log.debug("[memkit] reading %s ahead failed: %s", entry_alias(entry), error)
-        if aliases:
-            service.preload.set_phase("queued")
-            status_push.notify()
+        if keys:
+            service.preload.queue(run_id, keys)
+            service.preload.set_phase("queued", run_id)
             try:
-                error = prompt_error(queue_prompt(preload_prompt(aliases, run_id)))
+                error = prompt_error(queue_prompt(preload_prompt(run_id)), queue_wait_seconds(service))
             except Exception as failure:
-                error = f"could not queue it on ComfyUI's queue ({failure})"
-            if service.preload.owns(run_id):  # the node never reported (removed, refused, failed early)
-                log.error("[memkit] the preload prompt did not run (%s); its entries load when a prompt first "
-                          "uses them", error)
-                done = service.preload.snapshot()
-                for entry, alias in zip(entries, aliases):
-                    built = already_loaded and entry.kind is not ModelKind.NODE  # loaded before ComfyUI ran
-                    what = "loaded, but not placed on the device" if built else "not preloaded"
-                    if alias not in done.failures:
-                        service.preload.entry_done(alias, f"{what}: the preload prompt did not run ({error}); it "
-                                                          "loads when a prompt first uses it")
-                service.preload.finish()
+                error = f"it could not be put on ComfyUI's queue: {cut(str(failure), 600)}"
+            reason = f"the preload prompt did not run: {error}; it loads when a prompt first uses it"
+            if service.preload.finish(run_id, reason):  # its node never reported (refused, removed, failed early)
+                log.error("[memkit] %s", reason)
         else:
-            service.preload.finish()
-        status_push.notify()
+            service.preload.finish(run_id)
         if warmup is not None:
             run_warmup(service, warmup)
-            status_push.notify()
 
     threading.Thread(target=run, name="memkit-preload", daemon=True).start()
 
@@ -176,7 +227,8 @@ def queue_release(service: MemKitService) -> None:
 
     def run() -> None:
         try:
-            error = prompt_error(queue_prompt({"1": {"class_type": "MemKitReleaseEvicted", "inputs": {}}}))
+            error = prompt_error(queue_prompt({"1": {"class_type": "MemKitReleaseEvicted", "inputs": {}}}),
+                                 queue_wait_seconds(service))
             if error is not None:
                 _release_queued.clear()
                 log.warning("[memkit] releasing evicted models: %s; they are released with the next prompt", error)
@@ -200,9 +252,9 @@ def run_warmup(service: MemKitService, workflow: dict[str, Any]) -> None:
     """Queue the warm-up workflow behind the preload (ComfyUI's queue is first in, first out) and
     wait for it: /memkit/ready turns 200 when it has run."""
     try:
-        error = prompt_error(queue_prompt(workflow))
+        error = prompt_error(queue_prompt(workflow), queue_wait_seconds(service))
     except Exception as failure:
-        error = str(failure)
+        error = cut(str(failure), 600)
     if error is not None:
         log.error("[memkit] %s: the warm-up workflow failed: %s", service.config.settings.warmup_workflow, error)
     else:

@@ -5,11 +5,12 @@ the same payload to every connected page whenever it changes, so the panel follo
 loads and evictions without polling:
 
 * ``notify()`` (any thread): something changed, send soon. It listens to the service
-  (``MemKitService.changed``: loads, hits, evictions, clears, pins, releases); the preload route
-  and node call it as the preload moves (entry by entry), and /free after it drops conditionings.
-* A watcher thread also builds the status once per ``POLL_SECONDS`` while a page is connected and
-  sends it when it differs from the last one sent: that catches what nothing notifies (ComfyUI
-  moving weights to the GPU).
+  (``MemKitService.changed``: loads, hits, evictions, clears, pins, releases, and every transition
+  of the preload, which ``PreloadState`` reports itself); /free calls it after it drops conditionings.
+* A watcher thread also measures the cache again (``ModelCache.remeasure``, never on the event
+  loop) and builds the status once per ``POLL_SECONDS`` while a page is connected, sending it
+  when it differs from the last one sent: that catches what nothing notifies (ComfyUI moving
+  weights to the GPU). With no page connected it still measures every few seconds.
 * At most one message per ``MIN_GAP_SECONDS``: notifications that arrive meanwhile are merged
   into the next message, which always carries the latest state.
 
@@ -34,6 +35,7 @@ log = logging.getLogger("memkit.push")
 EVENT = "memkit.status"
 POLL_SECONDS = 1.0
 MIN_GAP_SECONDS = 0.25
+REMEASURE_IDLE_POLLS = 5  # with no page connected, footprints are measured again every 5 polls
 
 
 def configured_entries(service: MemKitService) -> list[dict[str, Any]]:
@@ -72,9 +74,17 @@ class StatusPusher:
         return bool(getattr(self._server, "sockets", None))
 
     def _run(self) -> None:
+        idle_polls = 0
         while True:
             notified = self._wake.wait(self._poll)
             self._wake.clear()
+            idle_polls += 1
+            if self._clients() or notified or idle_polls >= REMEASURE_IDLE_POLLS:
+                idle_polls = 0
+                try:  # here, off the event loop: /memkit/status only reads what was measured
+                    get_service().cache.remeasure()
+                except Exception as error:
+                    log.debug("[memkit] measuring the cache failed: %s", error)
             if not self._clients():
                 self._last = None  # a page that connects later fetches /memkit/status itself
                 continue

@@ -15,7 +15,7 @@ const STYLE_ID = "memkit-panel-style";
 
 // The order rows take when a cache key has several records (a failed preload, then a load that
 // succeeded): the first state found wins.
-const STATE_ORDER = ["ready", "loading", "releasing", "evicted-held", "failed"];
+const STATE_ORDER = ["ready", "stale", "loading", "releasing", "evicted-held", "failed"];
 
 let status = null; // the latest /memkit/status payload
 let mounted = null; // the tab's element while the tab is open
@@ -151,10 +151,13 @@ function totalsView(totals) {
       h("span", { "data-testid": "memkit-ram-text",
         text: `${formatBytes(totals.ram_bytes)}${budget ? ` of ${formatBytes(budget)} budget` : ""}` })),
     bar("memkit-ram-bar", totals.ram_bytes + (totals.reserved_bytes ?? 0), budget),
+    totals.over_budget_bytes ? h("div", { class: "memkit-error", "data-testid": "memkit-over-budget",
+      text: `pinned entries hold ${formatBytes(totals.over_budget_bytes)} over the budget` }) : null,
     h("div", { class: "memkit-line memkit-dim" },
       h("span", { text: `${totals.entries} cached · VRAM ${formatBytes(totals.vram_bytes)}` }),
       h("span", { text: [
         totals.reserved_bytes ? `${formatBytes(totals.reserved_bytes)} loading` : null,
+        totals.mapped_bytes ? `${formatBytes(totals.mapped_bytes)} mapped from files` : null,
         totals.evicted_held_ram_bytes ? `${formatBytes(totals.evicted_held_ram_bytes)} held by evicted` : null,
         `loads ${totals.loads} · evictions ${totals.evictions}`,
       ].filter(Boolean).join(" · ") })));
@@ -188,10 +191,10 @@ function button(label, testid, onclick, disabled, title) {
 
 function rowView(row) {
   const key = row.cache_key;
-  const ready = row.state === "ready";
+  const ready = row.state === "ready" || row.state === "stale"; // a stale copy is cached and served
   const files = (row.files ?? []).map((f) => f.split(/[\\/]/).pop()).join(", ");
   const actions = [];
-  if (row.configured && !["ready", "loading"].includes(row.state)) {
+  if (row.configured && !["ready", "loading"].includes(row.state)) { // a stale one may be loaded again
     actions.push(button("Preload", "memkit-preload-one", () => preloadOne(key), busy.has(`preload ${key}`),
       `Load ${key} now`));
   }
@@ -210,7 +213,7 @@ function rowView(row) {
     h("div", { class: "memkit-line" },
       h("span", { class: "memkit-key", text: key, title: row.key ?? key }),
       h("span", { class: "memkit-badge", "data-testid": "memkit-entry-state",
-        text: row.state + (ready && row.pinned ? " · pinned" : "") })),
+        text: row.state + (ready && row.pinned ? " · pinned" : "") + (row.over_budget ? " · over budget" : "") })),
     h("div", { class: "memkit-line memkit-dim" },
       h("span", { text: [row.kind, files].filter(Boolean).join(" · ") }), h("span", { text: sizes })),
     usage ? h("div", { class: "memkit-dim", text: usage }) : null,
@@ -257,6 +260,7 @@ function addStyle() {
 .memkit-badge { font-size: 0.72rem; padding: 0 0.4rem; border-radius: 8px; background: var(--p-surface-700, #444); }
 .memkit-state-ready .memkit-badge { background: #166534; }
 .memkit-state-failed .memkit-badge { background: #991b1b; }
+.memkit-state-stale .memkit-badge { background: #92400e; }
 .memkit-state-loading .memkit-badge { background: #1e40af; }
 ` }));
 }

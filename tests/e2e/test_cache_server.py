@@ -107,7 +107,8 @@ def test_background_preload_reports_ready_and_names_the_failed_entry(server):
     failed = next(e for e in status["entries"] if e["cache_key"] == "e2e-missing")
     assert "missing-vae.safetensors" in failed["error"]
     assert status["preload"] == {"mode": "background", "phase": "done", "state": "degraded", "ready": True,
-                                 "total": 5, "done": 5, "failed": 1, "warmup_error": None}
+                                 "total": 5, "done": 5, "failed": 1, "stale": 0, "warmup_error": None,
+                                 "error": None}
     assert "preloading e2e-missing failed" in server.log()
     assert "model_patches_models" not in server.log()
     ready = [e for e in status["entries"] if e["state"] == "ready"]

@@ -211,7 +211,7 @@ def test_the_alias_registry_can_be_read_while_a_thread_writes_it(frequent_thread
 
 def test_preload_progress_can_be_read_while_the_preload_writes_it(frequent_thread_switches):
     state = PreloadState("background")
-    assert state.begin(2000, "loading")
+    assert state.begin([f"m{index}" for index in range(2000)], "loading")
     errors, done = [], threading.Event()
 
     def write():
@@ -264,13 +264,14 @@ def test_a_request_for_an_entry_waiting_for_release_takes_it_back_without_loadin
 def test_waiters_wake_up_when_making_room_after_the_load_fails():
     measured = []
 
-    def measure(value):  # the second measurement (re-measuring before eviction) fails
+    def measure(value):  # re-measuring the other entry after the load (before storing it) fails
         measured.append(value)
-        if measured.count("flaky") > 1:
+        if measured.count("flaky") > 2:
             raise RuntimeError("cannot measure again")
         return Footprint(10)
 
     cache = ModelCache(measure=measure, budget_bytes=1000, wait_poll_seconds=0.01)
+    cache.get_or_load(recipe("b"), lambda: "flaky", alias="b")
     started, release = threading.Event(), threading.Event()
     owner_error, waiter_error = {}, {}
 

@@ -1,0 +1,123 @@
+"""An honest budget and a stale copy that keeps serving: the pure cache's rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfyui_memkit.model_cache.cache import BudgetExceededError, Footprint, ModelCache
+from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
+
+
+def recipe(name: str, size: int = 100, mtime: int = 1) -> LoadRecipe:
+    return LoadRecipe(ModelKind.CHECKPOINT, (f"/models/{name}",), (FileIdentity(size, mtime),))
+
+
+class Value:
+    def __init__(self, ram: int, mapped: int = 0) -> None:
+        self.ram, self.mapped = ram, mapped
+
+
+def measure(value: Value) -> Footprint:
+    return Footprint(ram=value.ram, mapped=value.mapped)
+
+
+def test_a_load_in_flight_reserves_the_estimate_not_the_file_size():
+    """fp16 weights become fp32 on a CPU: the reservation is what the load will take."""
+    seen = {}
+    cache = ModelCache(measure=measure, budget_bytes=10_000, estimate=lambda r: 2 * r.file_bytes)
+
+    def load():
+        seen["reserved"] = cache.reserved_bytes()
+        return Value(200)
+
+    cache.get_or_load(recipe("a", size=100), load, alias="a")
+    assert seen["reserved"] == 200
+    assert cache.reserved_bytes() == 0
+
+
+def test_an_estimate_that_fails_falls_back_to_the_file_size():
+    seen = {}
+    cache = ModelCache(measure=measure, budget_bytes=10_000, estimate=lambda r: 1 / 0)
+
+    def load():
+        seen["reserved"] = cache.reserved_bytes()
+        return Value(100)
+
+    cache.get_or_load(recipe("a", size=100), load, alias="a")
+    assert seen["reserved"] == 100
+
+
+def test_mapped_memory_is_reported_but_not_budgeted():
+    """A loader that memory-maps its file: the page cache can drop those pages, they are not private."""
+    cache = ModelCache(measure=measure, budget_bytes=1000)
+    cache.get_or_load(recipe("a"), lambda: Value(ram=400, mapped=5000), alias="a", pinned=True)
+    cache.get_or_load(recipe("b"), lambda: Value(ram=400, mapped=5000), alias="b")
+    assert [e.alias for e in cache.entries()] == ["a", "b"], "mapped bytes must not evict anything"
+    assert cache.footprint() == Footprint(ram=800, mapped=10_000)
+    assert cache.over_budget_bytes() == 0
+
+
+def test_pinned_entries_over_the_budget_are_reported_with_the_amount():
+    cache = ModelCache(measure=measure, budget_bytes=1000)
+    cache.get_or_load(recipe("a"), lambda: Value(700), alias="a", pinned=True)
+    cache.get_or_load(recipe("b"), lambda: Value(600), alias="b", pinned=True)
+    assert len(cache.entries()) == 2
+    assert cache.over_budget_bytes() == 300
+
+
+def test_refuse_over_budget_fails_the_load_naming_the_budget_and_the_entry_before_loading():
+    cache = ModelCache(measure=measure, budget_bytes=1000, refuse_over_budget=True)
+    cache.get_or_load(recipe("a"), lambda: Value(700), alias="a", pinned=True)
+    loads = []
+    with pytest.raises(BudgetExceededError, match=r"loading b .*ram_budget_gb.*refuse_over_budget"):
+        cache.get_or_load(recipe("b", size=600), lambda: loads.append(1) or Value(600), alias="b")
+    assert loads == [], "refused from its estimate, before anything was read"
+    assert [e.alias for e in cache.entries()] == ["a"]
+    assert cache.over_budget_bytes() == 0
+    assert cache.loading() == [], "a refused load leaves no flight behind"
+
+
+def test_refuse_over_budget_also_refuses_a_load_larger_than_estimated():
+    cache = ModelCache(measure=measure, budget_bytes=1000, refuse_over_budget=True)
+    cache.get_or_load(recipe("a"), lambda: Value(700), alias="a", pinned=True)
+    with pytest.raises(BudgetExceededError, match="loading b took"):
+        cache.get_or_load(recipe("b", size=100), lambda: Value(600), alias="b")
+    assert [e.alias for e in cache.entries()] == ["a"]
+
+
+def test_refuse_over_budget_still_evicts_unpinned_entries_first():
+    cache = ModelCache(measure=measure, budget_bytes=1000, refuse_over_budget=True)
+    cache.get_or_load(recipe("a"), lambda: Value(700), alias="a")
+    cache.get_or_load(recipe("b", size=600), lambda: Value(600), alias="b")
+    assert [e.alias for e in cache.entries()] == ["b"]
+
+
+def test_without_refusal_the_budget_evicts_after_measuring_the_new_load():
+    cache = ModelCache(measure=measure, budget_bytes=1000)
+    cache.get_or_load(recipe("a"), lambda: Value(500), alias="a")
+    cache.get_or_load(recipe("b", size=10), lambda: Value(600), alias="b")  # estimated small, measured large
+    assert [e.alias for e in cache.entries()] == ["b"]
+
+
+def test_a_failed_reload_of_a_changed_file_serves_the_old_copy_as_stale():
+    cache = ModelCache(measure=measure)
+    old = cache.get_or_load(recipe("a", mtime=1), lambda: Value(10), alias="a").value
+    changed = recipe("a", mtime=2)
+    assert changed.lineage == recipe("a", mtime=1).lineage and changed.key != recipe("a", mtime=1).key
+    served = cache.serve_stale(changed, "truncated: header too short")
+    assert served is not None and served.value is old
+    assert served.entry.stale == "truncated: header too short"
+    assert cache.serve_stale(recipe("other"), "x") is None, "no earlier version: nothing to serve"
+    fresh = cache.get_or_load(changed, lambda: Value(10), alias="a")  # the file is whole again
+    assert [e.stale for e in cache.entries()] == [None]
+    assert cache.entries()[0].value is fresh.value
+
+
+def test_remeasure_updates_footprints_of_entries_still_cached():
+    sizes = {"a": 100}
+    cache = ModelCache(measure=lambda value: Footprint(ram=sizes[value]))
+    cache.get_or_load(recipe("a"), lambda: "a", alias="a")
+    sizes["a"] = 10  # ComfyUI moved most of it to the GPU
+    assert cache.footprint().ram == 100, "reading the footprint measures nothing"
+    cache.remeasure()
+    assert cache.footprint().ram == 10
