@@ -1,7 +1,7 @@
 """`make bench`: measure, then write BENCHMARKS.md from every results/*.json.
 
 Each benchmark writes its own results file (with the machine it ran on), so running one
-benchmark refreshes its section and keeps the others. Usage: run.py [cache] [serverless] [conditioning] [vae]
+benchmark refreshes its section and keeps the others. Usage: run.py [cache] [serverless] [conditioning] [vae] [budget]
 """
 
 from __future__ import annotations
@@ -505,8 +505,93 @@ def render_vae(r: dict) -> str:
     return "\n".join(lines)
 
 
+FILL_VAES = ["memkit-sd-vae.safetensors", "memkit-sdxl-vae.safetensors", "memkit-flux-vae.safetensors",
+             "memkit-wan21-vae.safetensors", "memkit-hunyuan-video-vae.safetensors", "memkit-ltxv-vae.safetensors",
+             "memkit-mochi-vae.safetensors", "memkit-wan22-vae.safetensors"]
+FILL_BUDGET_GB = 1.5
+
+
+class PrivateMemorySampler:
+    """The server's private memory (USS, from /proc/PID/smaps) sampled on a thread: its peak."""
+
+    def __init__(self, pid: int, seconds: float = 0.1) -> None:
+        self.process, self.seconds, self.peak = psutil.Process(pid), seconds, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now(self) -> int:
+        return self.process.memory_full_info().uss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(self.seconds)
+
+    def __enter__(self) -> PrivateMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_budget() -> dict:
+    """Entries added one by one (unpinned VAEs, fp32 on a CPU) until the RAM budget binds: the
+    server's private memory above its baseline, against the budget."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        config = base / "preload.json"
+        entries = [{"vae_name": name, "cache_key": name.removesuffix(".safetensors"), "pinned": False}
+                   for name in FILL_VAES]
+        config.write_text(json.dumps({"settings": {"preload_mode": "off", "ram_budget_gb": FILL_BUDGET_GB},
+                                      "models": {"vaes": entries}}))
+        server = ComfyServer(base, MODELS, config, [])
+        server.start()
+        try:
+            sampler = PrivateMemorySampler(server.process.pid)
+            baseline = sampler.now()
+            steps = []
+            with sampler:
+                for entry in entries:
+                    status, _ = server.request("POST", "/memkit/preload",
+                                                    {"cache_keys": [entry["cache_key"]], "wait": True})
+                    totals = server.get("/memkit/status")["totals"]
+                    steps.append({"cache_key": entry["cache_key"], "status": status,
+                                  "file_bytes": (MODELS / "vae" / entry["vae_name"]).stat().st_size,
+                                  "cached_ram_bytes": totals["ram_bytes"], "entries": totals["entries"],
+                                  "evictions": totals["evictions"], "private_bytes": sampler.now() - baseline,
+                                  "peak_private_bytes": sampler.peak - baseline})
+        finally:
+            server.stop()
+    budget = int(FILL_BUDGET_GB * 2**30)
+    return {"machine": machine(), "budget_bytes": budget, "baseline_private_bytes": baseline, "steps": steps,
+            "peak_private_bytes": max(step["peak_private_bytes"] for step in steps)}
+
+
+def render_budget(r: dict) -> str:
+    budget = r["budget_bytes"]
+    lines = ["## RAM budget fill (issue 17)", "",
+             f"Unpinned VAEs preloaded one at a time (`POST /memkit/preload`, `wait`) into a server with "
+             f"`ram_budget_gb: {budget / 2**30:g}`, on a CPU (ComfyUI holds VAEs in float32 there). Private memory "
+             "is the server's USS above its value before the first load, sampled every 0.1 s.", "",
+             "| after | file | cached (status) | entries | evictions | private now | private peak so far |",
+             "|---|---|---|---|---|---|---|"]
+    for step in r["steps"]:
+        lines.append(f"| {step['cache_key']} | {step['file_bytes'] / 2**20:.0f} MB | "
+                     f"{step['cached_ram_bytes'] / 2**20:.0f} MB | {step['entries']} | {step['evictions']} | "
+                     f"{step['private_bytes'] / 2**20:.0f} MB | {step['peak_private_bytes'] / 2**20:.0f} MB |")
+    peak = r["peak_private_bytes"]
+    lines += ["", f"Peak private memory above the baseline: **{peak / 2**30:.2f} GB** for a "
+              f"{budget / 2**30:g} GB budget ({peak / budget:.0%} of it; goal ≤ 105 %). The cache's own count "
+              f"(status `ram_bytes`) never exceeds the budget; the peak also holds a load's transient copies "
+              f"(ComfyUI reads the file, then builds the float32 model)."]
+    return "\n".join(lines)
+
+
 BENCHMARKS = {"cache": (bench_cache, render_cache), "serverless": (bench_serverless, render_serverless),
-              "conditioning": (bench_conditioning, render_conditioning), "vae": (bench_vae, render_vae)}
+              "conditioning": (bench_conditioning, render_conditioning), "vae": (bench_vae, render_vae),
+              "budget": (bench_budget, render_budget)}
 
 
 def render_all() -> str:

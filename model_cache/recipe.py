@@ -2,7 +2,12 @@
 
 A recipe is the kind of model, the resolved file paths, each file's identity on disk and every
 load option. Two requests share an entry only when all of these match, so a file replaced on disk
-or a different weight dtype never gets a stale model.
+or a different weight dtype never gets a stale model. A file's identity is its size, mtime, inode
+and ctime (all from one ``stat``): a copy over it that keeps size and mtime (``cp -p``,
+``rsync -t``) still brings a new inode or ctime, which no program can set back, so it is a new key
+without hashing the contents. ``hash_contents`` adds a SHA-256 for filesystems that report no real
+inode or ctime, and for Windows, where ``st_ctime`` is the creation time (an in-place rewrite that
+sets the mtime back is seen only by the hash there).
 """
 
 from __future__ import annotations
@@ -43,11 +48,15 @@ _SECTIONS = {ModelKind.CHECKPOINT: "checkpoints", ModelKind.TEXT_ENCODER: "text_
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """A file as it is on disk now: size and modification time, optionally a content hash."""
+    """A file as it is on disk now: size, modification time, inode and change time (ctime, set by the
+    kernel on every write and chmod), optionally a content hash. ``inode`` and ``ctime_ns`` are 0
+    for identities built by hand."""
 
     size: int
     mtime_ns: int
     sha256: str | None = None
+    inode: int = 0
+    ctime_ns: int = 0
 
 
 class FileIdentityReader:
@@ -65,7 +74,7 @@ class FileIdentityReader:
     def read(self, path: str) -> FileIdentity:
         stat = os.stat(path)
         if not self.hash_contents:
-            return FileIdentity(stat.st_size, stat.st_mtime_ns)
+            return FileIdentity(stat.st_size, stat.st_mtime_ns, inode=stat.st_ino, ctime_ns=stat.st_ctime_ns)
         memo = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         with self._lock:
             digest = self._hashes.get(memo)
@@ -75,7 +84,7 @@ class FileIdentityReader:
             if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == memo[1:]:
                 with self._lock:
                     self._hashes[memo] = digest  # only a digest of a file that did not change meanwhile
-        return FileIdentity(stat.st_size, stat.st_mtime_ns, digest)
+        return FileIdentity(stat.st_size, stat.st_mtime_ns, digest, inode=stat.st_ino, ctime_ns=stat.st_ctime_ns)
 
 
 def _sha256_of(path: str) -> str:
@@ -96,12 +105,17 @@ class LoadRecipe:
     options: tuple[tuple[str, str], ...] = ()
     key: str = field(init=False, compare=False)
     lineage: str = field(init=False, compare=False)
+    portable_key: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         lineage = json.dumps([self.kind.value, list(self.paths), [list(o) for o in self.options]])
-        identity = json.dumps([[i.size, i.mtime_ns, i.sha256] for i in self.identities])
+        identity = json.dumps([[i.size, i.mtime_ns, i.inode, i.ctime_ns, i.sha256] for i in self.identities])
         object.__setattr__(self, "lineage", hashlib.sha256(lineage.encode()).hexdigest()[:16])
         object.__setattr__(self, "key", hashlib.sha256((lineage + identity).encode()).hexdigest()[:16])
+        # Keys that outlive the process (the conditioning cache on disk) must survive a copy of the
+        # models to a new host or image, which brings new inodes and ctimes: size, mtime and hash only.
+        portable = json.dumps([[i.size, i.mtime_ns, i.sha256] for i in self.identities])
+        object.__setattr__(self, "portable_key", hashlib.sha256((lineage + portable).encode()).hexdigest()[:16])
 
     @classmethod
     def build(cls, kind: ModelKind, paths: list[str] | tuple[str, ...], options: dict[str, object],

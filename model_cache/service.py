@@ -118,7 +118,7 @@ class MemKitService:
                 raise ModelLoadError(f"could not load {kind.value} {alias} from {source}: {error}") from error
             if comfy_models.is_empty(value):
                 raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths) or alias}")
-            value.key = recipe.key
+            value.key = recipe.portable_key  # what its conditionings are keyed on, on disk too
             return value
 
         try:
@@ -209,7 +209,7 @@ class MemKitService:
         the device the encoder would load on."""
         recipe = self.recipe(ModelKind.TEXT_ENCODER, names, options)
         device, dtype = comfy_models.text_encoder_placement(options.get("device", "default"))
-        identity = json.dumps(["by-name", recipe.key, device, dtype, comfy_models.comfy_version()])
+        identity = json.dumps(["by-name", recipe.portable_key, device, dtype, comfy_models.comfy_version()])
         return conditioning_key(identity, text), device
 
     def encode_by_name(self, names: list[str], options: dict[str, str], text: str, *,

@@ -42,7 +42,8 @@ def format_table(status: dict[str, Any]) -> str:
                  + (f" of {budget / 2**30:.1f} GB budget" if budget else "")
                  + (f" (pinned entries hold {totals['over_budget_bytes'] / 2**30:.2f} GB over it)"
                     if totals.get("over_budget_bytes") else "")
-                 + (f", {totals['mapped_bytes'] / 2**30:.2f} GB mapped from files" if totals.get("mapped_bytes") else "")
+                 + (f", {totals['mapped_bytes'] / 2**30:.2f} GB mapped from files"
+                    if totals.get("mapped_bytes") else "")
                  + f", {totals['vram_bytes'] / 2**30:.2f} GB VRAM"
                  + (f", {totals['evicted_held_ram_bytes'] / 2**30:.2f} GB held by evicted entries"
                     if totals["evicted_held_ram_bytes"] else "")

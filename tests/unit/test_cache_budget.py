@@ -103,9 +103,11 @@ def test_a_failed_reload_of_a_changed_file_serves_the_old_copy_as_stale():
     cache = ModelCache(measure=measure)
     old = cache.get_or_load(recipe("a", mtime=1), lambda: Value(10), alias="a").value
     changed = recipe("a", mtime=2)
-    assert changed.lineage == recipe("a", mtime=1).lineage and changed.key != recipe("a", mtime=1).key
+    assert changed.lineage == recipe("a", mtime=1).lineage
+    assert changed.key != recipe("a", mtime=1).key
     served = cache.serve_stale(changed, "truncated: header too short")
-    assert served is not None and served.value is old
+    assert served is not None
+    assert served.value is old
     assert served.entry.stale == "truncated: header too short"
     assert cache.serve_stale(recipe("other"), "x") is None, "no earlier version: nothing to serve"
     fresh = cache.get_or_load(changed, lambda: Value(10), alias="a")  # the file is whole again
