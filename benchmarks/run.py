@@ -506,8 +506,8 @@ def render_vae(r: dict) -> str:
 
 
 FILL_VAES = ["memkit-sd-vae.safetensors", "memkit-sdxl-vae.safetensors", "memkit-flux-vae.safetensors",
-             "memkit-wan21-vae.safetensors", "memkit-hunyuan-video-vae.safetensors", "memkit-ltxv-vae.safetensors",
-             "memkit-mochi-vae.safetensors", "memkit-wan22-vae.safetensors"]
+             "memkit-wan21-vae.safetensors", "memkit-hunyuan-video-vae.safetensors"]
+FILL_ORDER = [0, 1, 2, 3, 4, 0, 1, 2, 3, 0]  # each fits the budget alone; together they do not
 FILL_BUDGET_GB = 1.5
 
 
@@ -553,7 +553,7 @@ def bench_budget() -> dict:
             baseline = sampler.now()
             steps = []
             with sampler:
-                for entry in entries:
+                for entry in (entries[index] for index in FILL_ORDER):
                     status, _ = server.request("POST", "/memkit/preload",
                                                     {"cache_keys": [entry["cache_key"]], "wait": True})
                     totals = server.get("/memkit/status")["totals"]
@@ -566,13 +566,14 @@ def bench_budget() -> dict:
             server.stop()
     budget = int(FILL_BUDGET_GB * 2**30)
     return {"machine": machine(), "budget_bytes": budget, "baseline_private_bytes": baseline, "steps": steps,
-            "peak_private_bytes": max(step["peak_private_bytes"] for step in steps)}
+            "peak_private_bytes": max(step["peak_private_bytes"] for step in steps),
+            "peak_cached_bytes": max(step["cached_ram_bytes"] for step in steps)}
 
 
 def render_budget(r: dict) -> str:
     budget = r["budget_bytes"]
     lines = ["## RAM budget fill (issue 17)", "",
-             f"Unpinned VAEs preloaded one at a time (`POST /memkit/preload`, `wait`) into a server with "
+             f"Unpinned VAEs preloaded one at a time, some twice (`POST /memkit/preload`, `wait`), into a server with "
              f"`ram_budget_gb: {budget / 2**30:g}`, on a CPU (ComfyUI holds VAEs in float32 there). Private memory "
              "is the server's USS above its value before the first load, sampled every 0.1 s.", "",
              "| after | file | cached (status) | entries | evictions | private now | private peak so far |",
@@ -582,10 +583,12 @@ def render_budget(r: dict) -> str:
                      f"{step['cached_ram_bytes'] / 2**20:.0f} MB | {step['entries']} | {step['evictions']} | "
                      f"{step['private_bytes'] / 2**20:.0f} MB | {step['peak_private_bytes'] / 2**20:.0f} MB |")
     peak = r["peak_private_bytes"]
+    cached = r["peak_cached_bytes"]
     lines += ["", f"Peak private memory above the baseline: **{peak / 2**30:.2f} GB** for a "
-              f"{budget / 2**30:g} GB budget ({peak / budget:.0%} of it; goal ≤ 105 %). The cache's own count "
-              f"(status `ram_bytes`) never exceeds the budget; the peak also holds a load's transient copies "
-              f"(ComfyUI reads the file, then builds the float32 model)."]
+              f"{budget / 2**30:g} GB budget ({peak / budget:.0%} of it; goal ≤ 105 %), including each load's "
+              f"transient (ComfyUI reads the file's tensors, then builds the float32 model; the reservation "
+              f"counts both). The most the cache itself counted (status `ram_bytes`): {cached / 2**30:.2f} GB "
+              f"({cached / budget:.0%} of the budget)."]
     return "\n".join(lines)
 
 

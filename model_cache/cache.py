@@ -9,7 +9,8 @@ Honest accounting, because users size machines from these numbers:
 * RAM and accelerator memory are measured apart (``Footprint``); only RAM counts against the
   budget, and footprints are measured again before every eviction decision, since ComfyUI moves
   weights between devices after we loaded them.
-* A load in flight reserves its files' size against the budget until it is measured.
+* A load in flight reserves what it takes at its peak (the ``estimate`` the caller gives: for
+  ComfyUI, the file's tensors read into RAM plus the model as it will be held) until it is measured.
 * An evicted value that is still alive (a running prompt or ComfyUI's output cache holds a clone)
   is kept as a weak reference: status shows the memory it still holds, and the next request
   adopts it again instead of loading a second copy.
@@ -126,9 +127,10 @@ class ModelCache:
 
     def __init__(self, measure: Callable[[Any], Footprint], budget_bytes: int | None = None,
                  wait_poll_seconds: float = 0.05, *, estimate: Callable[[LoadRecipe], int] | None = None,
-                 refuse_over_budget: bool = False) -> None:
+                 refuse_over_budget: bool = False, reclaim: Callable[[], None] | None = None) -> None:
         self._measure = measure
         self._estimate = estimate or (lambda recipe: recipe.file_bytes)
+        self._reclaim = reclaim
         self.budget_bytes = budget_bytes
         self.refuse_over_budget = refuse_over_budget
         self._wait_poll = wait_poll_seconds
@@ -185,8 +187,11 @@ class ModelCache:
               flight: _Flight, seq: int, use_token: object) -> LoadOutcome:
         try:
             with self._lock:
+                evictions = self.evictions
                 self._make_room(keep=recipe.key)
                 self._refuse_if_over(alias, self._committed_ram(), "would take")
+            if self.evictions != evictions and self._reclaim is not None:
+                self._reclaim()  # give the evicted models' memory back before the load needs it
             started = time.perf_counter()
             value = load()
             seconds = time.perf_counter() - started
@@ -291,7 +296,8 @@ class ModelCache:
                     entry.footprint = footprint
 
     def _reserve(self, recipe: LoadRecipe) -> int:
-        """What a load will take in RAM, held against the budget until it is measured."""
+        """What a load takes in RAM at its peak (``estimate``; at least its files' size), held
+        against the budget until it is measured."""
         try:
             return max(recipe.file_bytes, int(self._estimate(recipe)))
         except Exception as error:  # an estimate never stops a load

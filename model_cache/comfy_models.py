@@ -378,9 +378,15 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
 _FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
+def load_peak_ram(recipe: Any) -> int:
+    """RAM a load takes at its peak, before it is made (the budget reserves it): ComfyUI reads
+    each file's tensors into RAM, then builds the model from them (``expected_ram``)."""
+    return recipe.file_bytes + expected_ram(recipe)
+
+
 def expected_ram(recipe: Any) -> int:
-    """RAM a load will take, before it is made (the budget reserves it): each safetensors file's
-    tensors at the dtype ComfyUI will hold them in. On a CPU ComfyUI computes the diffusion model
+    """RAM a loaded model will hold: each safetensors file's tensors at the dtype ComfyUI will
+    hold them in. On a CPU ComfyUI computes the diffusion model
     and the VAE in float32, so 16-bit weights double (text encoders stay 16-bit); an fp8
     ``weight_dtype`` stores one byte. Other formats (GGUF, .ckpt): the file size."""
     on_cpu = _compute_on_cpu()

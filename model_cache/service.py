@@ -8,6 +8,8 @@ ComfyUI's interrupt.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import json
 import logging
@@ -46,6 +48,24 @@ class NodeLoadError(ValueError):
     """A node load that cannot be made: no such node, or inputs that do not fit its schema."""
 
 
+def reclaim_memory() -> None:
+    """Free what evicted models held, now: collect their reference cycles, then hand the C heap's
+    free pages back to the system (glibc keeps freed blocks under 32 MB, most of a model's weights,
+    in its arenas: RSS would stay up and the budget would only be kept on paper)."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return None
+
+
 def host_choices() -> HostChoices:
     return HostChoices(clip_types=comfy_models.clip_types(), weight_dtypes=comfy_models.weight_dtypes(),
                        devices=comfy_models.clip_devices())
@@ -59,8 +79,9 @@ class MemKitService:
         settings = config.settings
         budget = (int(settings.ram_budget_gb * 2**30) if settings.ram_budget_gb
                   else int(psutil.virtual_memory().total * DEFAULT_BUDGET_FRACTION))
-        self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget, estimate=comfy_models.expected_ram,
-                                refuse_over_budget=getattr(settings, "refuse_over_budget", False))
+        self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget,
+                                estimate=comfy_models.load_peak_ram, refuse_over_budget=settings.refuse_over_budget,
+                                reclaim=reclaim_memory)
         self.identities = FileIdentityReader(hash_contents=settings.hash_contents)
         self.aliases = AliasRegistry(config.enabled_entries())
         self.listeners: list[Callable[[], None]] = []  # told when the cache changes (the page's live status)
@@ -256,7 +277,7 @@ class MemKitService:
         """Executing thread only: let go of entries evicted from other threads."""
         released = self.cache.release_deferred()
         if released:
-            gc.collect()
+            reclaim_memory()
             log.info("[memkit] released %s", ", ".join(released))
             self.changed()
         return released
@@ -270,7 +291,7 @@ class MemKitService:
             return psutil.virtual_memory().available / 2**30
 
         def enough() -> bool:
-            gc.collect()  # what was released is freed only once nothing refers to it
+            reclaim_memory()  # what was released is freed only once nothing refers to it
             return available_gb() > headroom_gb * RAM_PRESSURE_HYSTERESIS
 
         if headroom_gb <= 0 or available_gb() > headroom_gb:

@@ -40,7 +40,7 @@ def format_table(status: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{totals['entries']} cached, {totals['ram_bytes'] / 2**30:.2f} GB RAM"
                  + (f" of {budget / 2**30:.1f} GB budget" if budget else "")
-                 + (f" (pinned entries hold {totals['over_budget_bytes'] / 2**30:.2f} GB over it)"
+                 + (f" ({totals['over_budget_bytes'] / 2**30:.2f} GB over it: pinned entries, or one larger than it)"
                     if totals.get("over_budget_bytes") else "")
                  + (f", {totals['mapped_bytes'] / 2**30:.2f} GB mapped from files"
                     if totals.get("mapped_bytes") else "")

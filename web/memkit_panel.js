@@ -152,7 +152,8 @@ function totalsView(totals) {
         text: `${formatBytes(totals.ram_bytes)}${budget ? ` of ${formatBytes(budget)} budget` : ""}` })),
     bar("memkit-ram-bar", totals.ram_bytes + (totals.reserved_bytes ?? 0), budget),
     totals.over_budget_bytes ? h("div", { class: "memkit-error", "data-testid": "memkit-over-budget",
-      text: `pinned entries hold ${formatBytes(totals.over_budget_bytes)} over the budget` }) : null,
+      text: `the cache holds ${formatBytes(totals.over_budget_bytes)} over its budget (pinned entries, or one `
+        + "larger than the budget)" }) : null,
     h("div", { class: "memkit-line memkit-dim" },
       h("span", { text: `${totals.entries} cached · VRAM ${formatBytes(totals.vram_bytes)}` }),
       h("span", { text: [

@@ -22,7 +22,7 @@ def measure(value: Value) -> Footprint:
 
 
 def test_a_load_in_flight_reserves_the_estimate_not_the_file_size():
-    """fp16 weights become fp32 on a CPU: the reservation is what the load will take."""
+    """ComfyUI reads the file's tensors, then builds the model (fp16 becomes fp32 on a CPU)."""
     seen = {}
     cache = ModelCache(measure=measure, budget_bytes=10_000, estimate=lambda r: 2 * r.file_bytes)
 
@@ -123,3 +123,13 @@ def test_remeasure_updates_footprints_of_entries_still_cached():
     assert cache.footprint().ram == 100, "reading the footprint measures nothing"
     cache.remeasure()
     assert cache.footprint().ram == 10
+
+
+def test_evictions_before_a_load_give_their_memory_back_before_it_starts():
+    events = []
+    cache = ModelCache(measure=measure, budget_bytes=1000, reclaim=lambda: events.append("reclaim"),
+                       estimate=lambda r: 2 * r.file_bytes)
+    cache.get_or_load(recipe("a", size=100), lambda: events.append("load a") or Value(300), alias="a")
+    cache.get_or_load(recipe("b", size=400), lambda: events.append("load b") or Value(600), alias="b")
+    assert events == ["load a", "reclaim", "load b"], "a was evicted for b's peak, and freed before b loaded"
+    assert [e.alias for e in cache.entries()] == ["b"]
