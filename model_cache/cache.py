@@ -417,13 +417,19 @@ class ModelCache:
                 return 0
             return max(0, sum(e.footprint.ram for e in self._entries.values()) - self.budget_bytes)
 
-    def serve_stale(self, recipe: LoadRecipe, reason: str, *, pinned: bool = False,
+    def serve_stale(self, recipe: LoadRecipe | None, reason: str, *, alias: str | None = None, pinned: bool = False,
                     use_token: object = None) -> LoadOutcome | None:
         """The copy of an earlier version of ``recipe``'s files (same lineage), when loading the
-        current version failed: it is marked stale with ``reason`` and handed out (a file being
-        rewritten must not take a served model away). None when there is no such copy."""
+        current version failed, or the copy cached under ``alias`` when its file is gone: it is
+        marked stale with ``reason`` and handed out (a file being rewritten or removed must not
+        take a served model away). None when there is no such copy."""
         with self._lock:
-            older = [e for e in self._entries.values() if e.recipe.lineage == recipe.lineage and e.key != recipe.key]
+            def earlier(e: CacheEntry) -> bool:
+                if recipe is None:
+                    return e.alias == alias
+                return e.recipe.lineage == recipe.lineage and e.key != recipe.key
+
+            older = [e for e in self._entries.values() if earlier(e)]
             if not older:
                 return None
             entry = max(older, key=lambda e: e.seq)

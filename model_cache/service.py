@@ -128,8 +128,16 @@ class MemKitService:
         thread's load honours /interrupt and ``auto_gpu_load`` may place a new model.
         """
         options = options or {}
-        recipe = self.recipe(kind, names, options)
         alias = alias or self.aliases.alias_for(kind, names, options)
+        try:
+            recipe = self.recipe(kind, names, options)
+        except (ModelNotFoundError, OSError) as gone:  # its file was removed (or cannot be read) meanwhile
+            older = self.cache.serve_stale(None, cut(str(gone), 500), alias=alias, pinned=pinned, use_token=use_token)
+            if older is None:
+                raise
+            log.warning("[memkit] %s: %s; serving the copy already loaded (status: stale)", alias, cut(str(gone), 500))
+            self.changed()
+            return older
 
         def load() -> comfy_models.LoadedValue:
             try:  # a node load runs with its checked inputs (defaults filled in)

@@ -133,3 +133,13 @@ def test_evictions_before_a_load_give_their_memory_back_before_it_starts():
     cache.get_or_load(recipe("b", size=400), lambda: events.append("load b") or Value(600), alias="b")
     assert events == ["load a", "reclaim", "load b"], "a was evicted for b's peak, and freed before b loaded"
     assert [e.alias for e in cache.entries()] == ["b"]
+
+
+def test_the_copy_of_a_file_that_is_gone_is_served_as_stale_by_its_cache_key():
+    cache = ModelCache(measure=measure)
+    kept = cache.get_or_load(recipe("a"), lambda: Value(10), alias="vae:a").value
+    served = cache.serve_stale(None, "vae 'a' is not a file in ComfyUI's model folders", alias="vae:a")
+    assert served is not None
+    assert served.value is kept
+    assert served.entry.stale.startswith("vae 'a' is not a file")
+    assert cache.serve_stale(None, "x", alias="vae:other") is None
