@@ -13,16 +13,29 @@ object's id and its load number, so tests can tell a fresh load from a shared ob
 ``MemKitTestRememberConditioning`` stands for an earlier run that encoded a prompt with a text
 encoder too large for the test machine (umt5-xxl): it puts a seeded conditioning into MemKit's
 conditioning cache (RAM and disk) under the very key ``MemKitTextEncodeByName`` computes, so a
-workflow that names that encoder must run without ever loading it.
+workflow that names that encoder must run without ever loading it (its ``device`` input, optional,
+gives the key of an encoder loaded on that device).
+
+``MemKitTestSlowLoader`` is a loader that takes its time, for faults injected during a preload: it
+appends a line to its ``started_file``, then waits (at most ``wait_seconds``, ignoring /interrupt
+as a loader reading a big file does) until its ``release_file`` exists, and returns a small object.
+
+``MEMKIT_TEST_AUTH_LAYER`` (env) puts an authentication layer in front of this ComfyUI, as a login
+node or a proxy does: ``1`` answers 401 to ``POST /prompt`` without an ``X-Test-Token`` header,
+``redirect`` answers 302 to ``MEMKIT_TEST_REDIRECT_TO`` (another host). ``POST
+/memkit_test/auth_layer`` with ``{"mode": "1" | "redirect"}`` switches between them at run time.
 """
 
 import importlib
+import logging
 import os
 import sys
+import time
 
 import comfy.utils
 import folder_paths
 import torch
+from aiohttp import web
 
 TEST_MODELS_FOLDER = "memkit_test_models"
 
@@ -128,22 +141,80 @@ class MemKitTestRememberConditioning:
     def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 node API)
         return {"required": {"clip_name": ("STRING", {"default": ""}), "type": ("STRING", {"default": "wan"}),
                              "text": ("STRING", {"multiline": True}), "seed": ("INT", {"default": 0}),
-                             "tokens": ("INT", {"default": 16}), "width": ("INT", {"default": 4096})}}
+                             "tokens": ("INT", {"default": 16}), "width": ("INT", {"default": 4096})},
+                "optional": {"device": ("STRING", {"default": "default"})}}
 
     @classmethod
     def IS_CHANGED(cls, **inputs):  # noqa: N802 (ComfyUI's V1 node API)
         return float("nan")  # always run
 
-    def remember(self, clip_name, type, text, seed, tokens, width):
+    def remember(self, clip_name, type, text, seed, tokens, width, device="default"):
         service = _memkit_service()
-        key, _ = service.by_name_key([clip_name], {"type": type, "device": "default"}, text)
+        key, _ = service.by_name_key([clip_name], {"type": type, "device": device}, text)
         generator = torch.Generator().manual_seed(seed)
         conditioning = [[torch.randn((1, tokens, width), generator=generator) * 0.5, {}]]
         service.conditioning.put(key, conditioning, disk=True)
         return {"ui": {"text": [key]}, "result": (key,)}
 
 
+class MemKitTestSlowLoader:
+    CATEGORY = "memkit_tests"
+    RETURN_TYPES = ("MEMKIT_TEST_MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 node API)
+        return {"required": {"started_file": ("STRING", {"default": ""}), "release_file": ("STRING", {"default": ""}),
+                             "wait_seconds": ("INT", {"default": 120, "min": 0, "max": 600})}}
+
+    def load(self, started_file, release_file, wait_seconds):
+        with open(started_file, "a") as marker:  # one line per load: a test counts the loads that began
+            marker.write(f"started {time.time()}\n")
+        deadline = time.monotonic() + wait_seconds
+        while not os.path.exists(release_file) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return (MemKitTestModel(torch.ones((4, 4)), "slow", os.path.basename(release_file)),)
+
+
+AUTH_LAYER_ENV = "MEMKIT_TEST_AUTH_LAYER"
+REDIRECT_ENV = "MEMKIT_TEST_REDIRECT_TO"
+TOKEN_HEADER = "X-Test-Token"
+_auth = {"mode": os.environ.get(AUTH_LAYER_ENV, "")}
+
+
+@web.middleware
+async def _auth_layer(request: web.Request, handler):
+    """Refuse ``POST /prompt`` without the token, as a login node or a proxy would."""
+    refused = request.method == "POST" and request.path in ("/prompt", "/api/prompt")
+    if refused and not request.headers.get(TOKEN_HEADER):
+        if _auth["mode"] == "redirect":
+            return web.Response(status=302, headers={"Location": os.environ.get(REDIRECT_ENV, "http://127.0.0.2/")})
+        return web.json_response({"error": "login required"}, status=401)
+    return await handler(request)
+
+
+def _install_auth_layer() -> None:
+    from server import PromptServer
+
+    server = getattr(PromptServer, "instance", None)
+    if server is None:
+        return
+    server.app.middlewares.append(_auth_layer)
+
+    @server.routes.post("/memkit_test/auth_layer")
+    async def switch_auth_layer(request: web.Request) -> web.Response:
+        _auth["mode"] = (await request.json())["mode"]
+        return web.json_response(_auth)
+
+    logging.getLogger("memkit.tests").info("test auth layer in front of POST /prompt: %s", _auth["mode"])
+
+
+if _auth["mode"]:
+    _install_auth_layer()
+
+
 NODE_CLASS_MAPPINGS = {
+    "MemKitTestSlowLoader": MemKitTestSlowLoader,
     "MemKitTestRememberConditioning": MemKitTestRememberConditioning,
     "MemKitTestPatchInPlace": MemKitTestPatchInPlace,
     "MemKitTestThirdPartyLoader": MemKitTestThirdPartyLoader,
