@@ -1,7 +1,8 @@
 """`make bench`: measure, then write BENCHMARKS.md from every results/*.json.
 
 Each benchmark writes its own results file (with the machine it ran on), so running one
-benchmark refreshes its section and keeps the others. Usage: run.py [cache] [serverless] [conditioning] [vae] [budget]
+benchmark refreshes its section and keeps the others.
+Usage: run.py [cache] [serverless] [conditioning] [vae] [budget] [reliability]
 """
 
 from __future__ import annotations
@@ -592,9 +593,43 @@ def render_budget(r: dict) -> str:
     return "\n".join(lines)
 
 
+RELIABILITY_FILES = ["tests/e2e/test_routes_hostile.py", "tests/e2e/test_faults.py"]
+
+
+def bench_reliability() -> dict:
+    """Issue 17's reliability suite run once: the fuzzing summary, the burst line, and how many
+    injected faults left readiness (or anything else the tests check) wrong."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MEMKIT_ARTIFACTS": tmp}
+        run = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider",
+                              "-rA", *RELIABILITY_FILES], cwd=REPO, env=env, capture_output=True, text=True)
+        summary = Path(tmp, "hostile", "fuzz_summary.txt")
+        fuzz = summary.read_text().strip() if summary.exists() else "no fuzzing summary (the fuzz test did not end)"
+    lines = run.stdout.splitlines()
+    outcomes = [line.split(" ", 1) for line in lines
+                if line.startswith(("PASSED tests/e2e/test_faults", "FAILED tests/e2e/test_faults"))]
+    return {"machine": machine(), "fuzz": fuzz, "burst": next((x for x in lines if x.startswith("burst:")), "no burst"),
+            "faults": [{"test": where.split("::")[-1].split(" ")[0], "passed": verdict == "PASSED"}
+                       for verdict, where in outcomes],
+            "tail": lines[-1] if lines else run.stderr[-300:]}
+
+
+def render_reliability(r: dict) -> str:
+    faults = [f for f in r["faults"] if "burst" not in f["test"]]
+    wrong = [f["test"] for f in faults if not f["passed"]]
+    lines = ["## Reliability (issue 17)", "",
+             "`tests/e2e/test_routes_hostile.py` and `tests/e2e/test_faults.py` run once against real servers.", "",
+             f"- **Fuzzing**: {r['fuzz']}.",
+             f"- **Faults injected**: {len(faults)} scenarios (each test one fault through a real server); "
+             f"**{len(wrong)}** left readiness or the cache wrong{': ' + ', '.join(wrong) if wrong else ''}.",
+             f"- **Concurrent bursts**: {r['burst'].removeprefix('burst: ')}.",
+             f"- pytest: {r['tail']}"]
+    return "\n".join(lines)
+
+
 BENCHMARKS = {"cache": (bench_cache, render_cache), "serverless": (bench_serverless, render_serverless),
               "conditioning": (bench_conditioning, render_conditioning), "vae": (bench_vae, render_vae),
-              "budget": (bench_budget, render_budget)}
+              "budget": (bench_budget, render_budget), "reliability": (bench_reliability, render_reliability)}
 
 
 def render_all() -> str:

@@ -88,7 +88,8 @@ class PreloadState:
       run that is still open can be finished (by its node's ``finally`` or by the thread that
       queued it, whichever comes first).
     * Failures are kept per cache key across runs: a failed load records one wherever it
-      happened (``entry_done``), a later successful load clears it (``clear_failure``).
+      happened (``entry_done``), a later successful load clears it (``clear_failure``), and a
+      new run of that key starts it afresh (the page shows a new failure as new).
     * ``on_change`` is called after every transition (outside the lock): the page's live status
       follows the preload without hand-placed notifications.
     """
@@ -124,6 +125,8 @@ class PreloadState:
             if self._phase not in ("starting", "idle", "done"):
                 return False
             self._keys = list(dict.fromkeys(keys))
+            for key in self._keys:  # tried again: its old failure no longer holds until this run says
+                self._failures.pop(key, None)
             self._queued, self._reported, self._run_id = [], set(), run_id
             self._phase, self._warmup, self._warmup_error, self._error = phase, warmup, None, None
         self._changed()

@@ -155,6 +155,6 @@ def test_a_preload_or_warmup_prompt_removed_from_the_queue_never_leaves_ready_st
         assert ready["warmup_error"] is None
         failures = {e["cache_key"]: e["error"] for e in server.get("/memkit/status")["entries"]
                     if e["state"] == "failed"}
-        assert "the preload prompt did not run (removed from ComfyUI's queue before it ran)" in failures["tiny"]
+        assert "the preload prompt did not run: removed from ComfyUI's queue before it ran" in failures["tiny"]
     else:
         assert ready["warmup_error"] == "removed from ComfyUI's queue before it ran"

@@ -142,3 +142,17 @@ def test_a_phase_change_after_the_run_ended_is_ignored():
     state.finish("r1", "deadline")
     state.set_phase("loading", "r1")  # a late prompt
     assert state.snapshot().phase == "done"
+
+
+def test_a_new_run_of_a_failed_key_starts_it_afresh():
+    """The page toasts a failure when it appears: a retry that fails again must show as new."""
+    state = PreloadState("background", expected=True)
+    state.begin(["a", "b"], "loading", run_id="r1")
+    state.entry_done("a", "file missing")
+    state.entry_done("b", "boom")
+    state.finish("r1")
+    state.begin(["a"], "loading", run_id="r2")
+    assert state.snapshot().failures == {"b": "boom"}, "only the keys of the new run start afresh"
+    state.entry_done("a", "file missing")
+    state.finish("r2")
+    assert state.snapshot().failures == {"a": "file missing", "b": "boom"}
