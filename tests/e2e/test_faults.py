@@ -584,7 +584,8 @@ def test_an_auth_layer_refusing_the_loopback_prompt_fails_every_entry_naming_it(
 def test_extreme_config_values_leave_every_route_and_node_working(auth):
     """``ram_budget_gb: 1e300`` and a settings typo: both are problems in status, the budget keeps
     its default, every route answers below 500 and a MemKit node runs."""
-    status = auth.get("/memkit/status")
+    code, status = auth.request("GET", "/memkit/status")
+    assert code == 200, status
     problems = " ".join(status["config"]["problems"])
     assert "ram_budget_gb" in problems, problems
     assert "ram_budjet_gb" in problems, problems
