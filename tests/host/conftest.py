@@ -51,3 +51,32 @@ def scratch_models(comfy_host, tmp_path):
         paths = comfy_host.folder_paths.folder_names_and_paths[name][0]
         if str(folder) in paths:
             paths.remove(str(folder))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_models_after_each_module(comfy_host):
+    """Every in-process module starts from what the process holds at rest: the service reset,
+    ComfyUI's loaded-model list cleaned and the C heap trimmed. Without this, models that one
+    module's fixtures or the process-wide service kept alive piled up (17 GB RSS by the VAE
+    tests), which a CI machine with less RAM turns into hours of paging.
+    ``MEMKIT_RSS_LOG=path`` appends each module's RSS before and after the release."""
+    yield
+    import gc
+
+    import comfy.model_management as mm
+    import psutil
+
+    from comfyui_memkit.model_cache import service as service_module
+    from comfyui_memkit.model_cache.config import PreloadConfig
+
+    before = psutil.Process().memory_info().rss
+    service_module.reset_service(PreloadConfig(path=None))
+    mm.unload_all_models()
+    mm.cleanup_models()
+    service_module.reclaim_memory()
+    gc.collect()
+    if os.environ.get("MEMKIT_RSS_LOG"):
+        after = psutil.Process().memory_info().rss
+        with open(os.environ["MEMKIT_RSS_LOG"], "a") as log:
+            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split('::')[0]} "
+                      f"rss {before / 2**20:.0f} MB -> {after / 2**20:.0f} MB\n")
