@@ -22,7 +22,8 @@ from ..model_cache.service import MemKitService, get_service
 
 log = logging.getLogger("memkit")
 
-NODE_MODULES = ("cached_loaders", "selectors", "cached_node", "cache_info", "preload", "conditioning", "tiled_decode")
+NODE_MODULES = ("cached_loaders", "selectors", "cached_node", "cache_info", "preload", "conditioning", "tiled_decode",
+                "step_cache")
 
 
 def _import_node_module(name: str) -> ModuleType | None:
