@@ -8,16 +8,26 @@ A key's row takes the most telling of its records: a cached copy (``ready``, or 
 its file changed and the reload failed, or when its latest load failed), else ``loading``,
 ``releasing``, ``evicted-held`` (evicted, still held by a prompt or ComfyUI's output cache),
 ``failed``. Totals are the sums of the ready and stale rows.
+
+The step cache's recent runs are reported beside the cache (``step_cache``). That section is
+read through a guarded import: if the step cache cannot be imported or its registry fails, the
+section says so and the rest of the status is still served.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from . import comfy_models
+from .bounded import cut
 from .cache import CacheEntry, Footprint
 from .recipe import LoadRecipe
 from .service import MemKitService
+
+log = logging.getLogger("memkit")
+
+STEP_CACHE_RUNS = 8  # runs listed in /memkit/status (each a small dict; the registry keeps a few more)
 
 
 def _describe(alias: str, recipe: LoadRecipe, footprint: Footprint, state: str) -> dict[str, Any]:
@@ -75,6 +85,27 @@ def readiness(service: MemKitService) -> dict[str, Any]:
             "warmup_error": state.warmup_error, "error": state.error}
 
 
+def step_cache_status() -> dict[str, Any]:
+    """The step cache's last ``STEP_CACHE_RUNS`` runs (oldest first; runs in progress last, state
+    ``running``) and the bytes the runs in progress hold now, per device (``held_bytes``; empty
+    when none runs). Never raises: a step cache that cannot report gives ``error`` instead."""
+    try:
+        from ..step_cache import report
+
+        runs = report.last_runs()
+        live = [run for run in runs if run.get("state") == "running"]
+        held: dict[str, int] = {}
+        for run in live:
+            for use in run.get("devices", {}).values():
+                held[use["device"]] = held.get(use["device"], 0) + use["bytes"]
+    except Exception as error:  # the cache's status must be served without the step cache
+        log.debug("[memkit] step cache status unavailable: %s", error)
+        return {"runs": [], "running": 0, "held_bytes": {}, "held_total_bytes": 0,
+                "error": f"{type(error).__name__}: {cut(str(error), 200)}"}
+    return {"runs": runs[-STEP_CACHE_RUNS:], "running": len(live), "held_bytes": held,
+            "held_total_bytes": sum(held.values())}
+
+
 def build_status(service: MemKitService) -> dict[str, Any]:
     """Every key's row, totals, preload progress, the conditioning cache and the config's problems.
 
@@ -82,6 +113,7 @@ def build_status(service: MemKitService) -> dict[str, Any]:
     model files, ``vram_bytes`` accelerator memory. ``over_budget_bytes``: how far pinned
     entries hold the cache over its budget. ``evicted_held_ram_bytes``: memory of evicted
     entries that a prompt or ComfyUI's output cache still holds, freed when they let go.
+    ``step_cache``: see ``step_cache_status``.
     """
     cache = service.cache
     rows = status_rows(service)
@@ -100,6 +132,7 @@ def build_status(service: MemKitService) -> dict[str, Any]:
                                               "error")},
                     "failed": len(ready["failed"]), "stale": len(ready["stale"])},
         "conditioning": service.conditioning.report(),
+        "step_cache": step_cache_status(),
         "config": {"path": str(service.config.path) if service.config.path else None,
                    "problems": list(service.config.problems)},
     }

@@ -7,6 +7,8 @@ loads and evictions without polling:
 * ``notify()`` (any thread): something changed, send soon. It listens to the service
   (``MemKitService.changed``: loads, hits, evictions, clears, pins, releases, and every transition
   of the preload, which ``PreloadState`` reports itself); /free calls it after it drops conditionings.
+  The step cache's registry (``step_cache.report``) calls it too when a run starts and when it
+  ends, so the panel shows a finished run's report (and its memory back to 0) at once.
 * A watcher thread also measures the cache again (``ModelCache.remeasure``, never on the event
   loop) and builds the status once per ``POLL_SECONDS`` while a page is connected, sending it
   when it differs from the last one sent: that catches what nothing notifies (ComfyUI moving
@@ -117,6 +119,12 @@ def install(server: Any) -> StatusPusher:
     service = get_service()
     if notify not in service.listeners:
         service.listeners.append(notify)  # loads, hits, evictions: pushed at once, not at the next poll
+    try:
+        from ..step_cache import report as step_cache_report
+    except Exception as error:  # the cache's status is pushed without the step cache
+        log.warning("[memkit] step cache runs will not be pushed to the page: %s: %s", type(error).__name__, error)
+    else:
+        step_cache_report.add_listener(notify)  # a step cache run started or ended
     return _pusher
 
 

@@ -1,9 +1,10 @@
 // MemKit cache panel: a sidebar tab that shows what the MemKit cache holds and drives it.
 //
 // Plain ES module, no build step. ComfyUI serves this folder (WEB_DIRECTORY) under
-// /extensions/<package>/ and imports every .js file in it. The panel shows GET /memkit/status,
-// follows the "memkit.status" messages the server sends over ComfyUI's websocket when the cache
-// changes (nodes/status_push.py), and calls MemKit's routes: /memkit/preload, /memkit/evict,
+// /extensions/<package>/ and imports every .js file in it. The panel shows GET /memkit/status (the
+// cache, its preload, the step cache's latest run), follows the "memkit.status" messages the server
+// sends over ComfyUI's websocket when the cache or a step cache run changes (nodes/status_push.py),
+// and calls MemKit's routes: /memkit/preload, /memkit/evict,
 // /memkit/clear, /memkit/pin. A route that refuses, and a preload entry that fails, are shown
 // with the frontend's toast.
 import { app } from "../../scripts/app.js";
@@ -34,6 +35,7 @@ function toast(severity, summary, detail) {
 function formatBytes(bytes) {
   if (bytes === null || bytes === undefined) return "-";
   if (bytes >= 2 ** 30) return `${(bytes / 2 ** 30).toFixed(2)} GB`;
+  if (bytes > 0 && bytes < 2 ** 20) return `${(bytes / 2 ** 10).toFixed(0)} KB`; // a step cache's diffs on small latents
   return `${(bytes / 2 ** 20).toFixed(1)} MB`;
 }
 
@@ -185,6 +187,31 @@ function preloadView(preload) {
         "Evict every entry, pinned ones too")));
 }
 
+// The step cache's latest run (the one in progress, else the last finished): steps skipped, the
+// estimated speed-up, and the bytes it holds now and held at most per device (0 now once it ended).
+function stepCacheView(stepCache) {
+  if (!stepCache || (!stepCache.runs?.length && !stepCache.error)) return null;
+  const runs = stepCache.runs ?? [];
+  const last = runs[runs.length - 1];
+  const held = Object.entries(stepCache.held_bytes ?? {})
+    .map(([device, bytes]) => `${formatBytes(bytes)} on ${device}`).join(", ");
+  return h("section", { class: "memkit-section", "data-testid": "memkit-step-cache" },
+    h("div", { class: "memkit-line" },
+      h("span", { text: "Step cache" }),
+      last ? h("span", { "data-testid": "memkit-step-cache-text", "data-state": last.state,
+        "data-skipped": last.steps_skipped, "data-total": last.steps_total,
+        text: `${last.state} · skipped ${last.steps_skipped} / ${last.steps_total} · `
+          + `~${Number(last.estimated_speedup ?? 1).toFixed(2)}×` }) : null),
+    last ? h("div", { class: "memkit-dim", text: `run ${last.run} · ${last.model} · ${last.settings?.mode ?? ""}`
+      + `${last.level ? ` at ${last.level}` : ""}` }) : null,
+    ...Object.entries(last?.devices ?? {}).map(([tier, use]) =>
+      h("div", { class: "memkit-line memkit-dim", "data-testid": "memkit-step-cache-device", "data-tier": tier },
+        h("span", { text: `${tier} (${use.device})` }),
+        h("span", { text: `${formatBytes(use.bytes)} now · ${formatBytes(use.peak_bytes)} peak` }))),
+    stepCache.running ? h("div", { class: "memkit-dim", text: `${stepCache.running} running · holding ${held}` }) : null,
+    stepCache.error ? h("div", { class: "memkit-error", text: `step cache: ${stepCache.error}` }) : null);
+}
+
 function button(label, testid, onclick, disabled, title) {
   return h("button", { class: "memkit-button", type: "button", "data-testid": testid, title, disabled,
     onclick }, label);
@@ -231,6 +258,7 @@ function render() {
         totalsView(status.totals),
         preloadView(status.preload),
         h("ul", { class: "memkit-entries", "data-testid": "memkit-entries" }, rows(status).map(rowView)),
+        stepCacheView(status.step_cache),
         ...(status.config?.problems ?? []).map((p) => h("div", { class: "memkit-error", text: p })),
         h("p", { class: "memkit-dim", text: status.config?.path ? `config: ${status.config.path}` : "no config" }),
       ];

@@ -1,12 +1,19 @@
 """Video-workflow caches through a real server: any loader preloaded from the config's ``nodes``
 section (a third-party V1 loader from a test node pack, CLIP vision) and handed out by
-MemKitCachedNode, a loader called by node id, MemKitTextEncodeByName, and the shipped Wan 2.1
-text-to-video workflow with tiny stand-ins for its models."""
+MemKitCachedNode, a loader called by node id, MemKitTextEncodeByName, the shipped Wan 2.1
+text-to-video workflow with tiny stand-ins for its models, and that workflow with MemKitStepCache
+(its report in /memkit/status, on the page's websocket and as the node's text)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,16 +188,21 @@ def wan_workflow_for_tests() -> dict:
     return workflow
 
 
-def test_the_shipped_wan_workflow_runs_and_never_loads_its_text_encoder(server):
-    """umt5-xxl (5.7 B parameters) does not fit a test; as after an earlier run that encoded these
-    prompts, their conditionings are in MemKit's cache, so the workflow must run without it (the
-    stand-in file is no text encoder: a load would fail the prompt)."""
-    workflow = wan_workflow_for_tests()
+def remember_wan_conditionings(server, workflow: dict) -> None:
+    """Put the workflow's two prompts' conditionings in MemKit's cache, as an earlier run would have."""
     for index, node in enumerate(("3", "4")):
         inputs = workflow[node]["inputs"]
         server.run_prompt({"1": {"class_type": "MemKitTestRememberConditioning",
                                  "inputs": {"clip_name": inputs["clip_name1"], "type": inputs["type"],
                                             "text": inputs["text"], "seed": index, "tokens": 16, "width": 4096}}})
+
+
+def test_the_shipped_wan_workflow_runs_and_never_loads_its_text_encoder(server):
+    """umt5-xxl (5.7 B parameters) does not fit a test; as after an earlier run that encoded these
+    prompts, their conditionings are in MemKit's cache, so the workflow must run without it (the
+    stand-in file is no text encoder: a load would fail the prompt)."""
+    workflow = wan_workflow_for_tests()
+    remember_wan_conditionings(server, workflow)
     hits_before = server.get("/memkit/status")["conditioning"]
     outputs = server.run_prompt(workflow)
     (animation,) = [i for o in outputs.values() for i in o.get("images", [])]
@@ -207,5 +219,100 @@ def test_the_shipped_wan_workflow_runs_and_never_loads_its_text_encoder(server):
     assert hits == hits_before["ram_hits"] + hits_before["disk_hits"] + 2
     assert not any("umt5" in f for e in status["entries"] for f in e.get("files", []))
     kinds = {e["cache_key"]: e["kind"] for e in status["entries"] if e["state"] == "ready"}
+    assert kinds["diffusion_model:memkit-wan21-t2v-tiny.safetensors"] == "diffusion_model"
+    assert server.problems() == []
+
+
+TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT: a node's progress text
+
+
+@dataclass
+class PageMessages:
+    """What a page connected to ComfyUI's websocket (with the prompts' client id) received."""
+
+    json: list[dict[str, Any]] = field(default_factory=list)
+    texts: list[tuple[str, str]] = field(default_factory=list)  # (node id, text)
+
+    def add_binary(self, data: bytes) -> None:
+        (event,) = struct.unpack(">I", data[:4])
+        if event == TEXT_EVENT:
+            (length,) = struct.unpack(">I", data[4:8])
+            self.texts.append((data[8:8 + length].decode(), data[8 + length:].decode()))
+
+
+def run_prompt_watching(server, prompt: dict, until: Callable[[PageMessages], object], seconds_after: float = 10.0
+                        ) -> tuple[dict, PageMessages]:
+    """Run ``prompt`` while a page listens on /ws; after it ends, listen until ``until(messages)``
+    holds or ``seconds_after`` pass. The prompt's outputs and everything the page received."""
+    import aiohttp
+
+    messages = PageMessages()
+
+    async def watch() -> dict:
+        url = f"{server.url.replace('http', 'ws', 1)}/ws?clientId={server.client_id}"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as socket:
+            prompt_done = asyncio.get_running_loop().run_in_executor(None, server.run_prompt, prompt)
+            deadline = None
+            while deadline is None or (time.monotonic() < deadline and not until(messages)):
+                if deadline is None and prompt_done.done():
+                    deadline = time.monotonic() + seconds_after
+                try:
+                    message = await asyncio.wait_for(socket.receive(), 0.25)
+                except asyncio.TimeoutError:
+                    continue
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    messages.json.append(json.loads(message.data))
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    messages.add_binary(message.data)
+                else:
+                    break
+            return await prompt_done
+
+    return asyncio.run(watch()), messages
+
+
+def step_cached_wan_workflow(steps: int) -> dict:
+    """The shipped Wan workflow with MemKitStepCache (node 10) between the cached model and KSampler;
+    a huge threshold, so every step in the window after the first two is skipped."""
+    workflow = wan_workflow_for_tests()
+    workflow["10"] = {"class_type": "MemKitStepCache", "inputs": {
+        "model": ["2", 0], "mode": "easycache", "threshold": 100.0, "cache_interval": 3, "max_consecutive_skips": 0,
+        "start_percent": 0.15, "end_percent": 0.95, "cache_device": "auto", "store_dtype": "same", "budget_mb": 0.0}}
+    workflow["6"]["inputs"].update(model=["10", 0], steps=steps)
+    workflow["9"]["inputs"]["filename_prefix"] = "e2e_wan_step_cache"
+    return workflow
+
+
+def test_a_step_cached_wan_run_is_reported_in_status_to_the_page_and_on_the_node(server):
+    steps = 8
+    workflow = step_cached_wan_workflow(steps)
+    remember_wan_conditionings(server, workflow)
+
+    def pushed_run(messages: PageMessages) -> list[dict]:
+        return [run for m in messages.json if m.get("type") == "memkit.status"
+                for run in m["data"].get("step_cache", {}).get("runs", [])[-1:] if run["state"] == "done"]
+
+    outputs, messages = run_prompt_watching(server, workflow, until=lambda m: pushed_run(m) and m.texts)
+    assert [i for o in outputs.values() for i in o.get("images", [])], "the workflow ran to its WEBP"
+    section = server.get("/memkit/status")["step_cache"]
+    run = section["runs"][-1]
+    assert (run["state"], run["model"], run["level"]) == ("done", "WAN21", "diffusion_model")
+    assert run["steps_total"] == steps
+    assert 0 < run["steps_skipped"] < steps
+    assert run["conds"]["cond"] == run["conds"]["uncond"], "cond and uncond skip together"
+    assert run["conds"]["cond"]["skipped"] == run["steps_skipped"]
+    assert run["estimated_speedup"] == round(steps / (steps - run["steps_skipped"]), 2)
+    assert sum(use["peak_bytes"] for use in run["devices"].values()) > 0, "it held diffs during the run"
+    assert [use["bytes"] for use in run["devices"].values()] == [0, 0], "and none after it"
+    assert (section["running"], section["held_bytes"], section["held_total_bytes"]) == (0, {}, 0)
+    assert "error" not in section
+    assert 0 < len(section["runs"]) <= 8
+
+    assert [r["run"] for r in pushed_run(messages)][-1:] == [run["run"]], "the finished run reached the page"
+    texts = [text for node, text in messages.texts if node == "10"]
+    assert texts, f"the node's text after the run: {messages.texts}"
+    assert texts[-1].startswith(f"run {run['run']} (done): skipped {run['steps_skipped']} of {steps} steps")
+    assert "0 KB now" in texts[-1]
+    kinds = {e["cache_key"]: e["kind"] for e in server.get("/memkit/status")["entries"] if e["state"] == "ready"}
     assert kinds["diffusion_model:memkit-wan21-t2v-tiny.safetensors"] == "diffusion_model"
     assert server.problems() == []
