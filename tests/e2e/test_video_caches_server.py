@@ -272,13 +272,13 @@ def run_prompt_watching(server, prompt: dict, until: Callable[[PageMessages], ob
 
 
 def step_cached_wan_workflow(steps: int) -> dict:
-    """The shipped Wan workflow with MemKitStepCache (node 10) between the cached model and KSampler;
-    a huge threshold, so every step in the window after the first two is skipped."""
+    """The shipped Wan workflow, whose MemKitStepCache (node 11) sits between the cached model and
+    KSampler, with a huge threshold: every step in the window after the first two is skipped."""
     workflow = wan_workflow_for_tests()
-    workflow["10"] = {"class_type": "MemKitStepCache", "inputs": {
-        "model": ["2", 0], "mode": "easycache", "threshold": 100.0, "cache_interval": 3, "max_consecutive_skips": 0,
-        "start_percent": 0.15, "end_percent": 0.95, "cache_device": "auto", "store_dtype": "same", "budget_mb": 0.0}}
-    workflow["6"]["inputs"].update(model=["10", 0], steps=steps)
+    assert workflow["11"]["class_type"] == "MemKitStepCache"
+    assert workflow["6"]["inputs"]["model"] == ["11", 0]
+    workflow["11"]["inputs"]["threshold"] = 100.0
+    workflow["6"]["inputs"]["steps"] = steps
     workflow["9"]["inputs"]["filename_prefix"] = "e2e_wan_step_cache"
     return workflow
 
@@ -309,7 +309,7 @@ def test_a_step_cached_wan_run_is_reported_in_status_to_the_page_and_on_the_node
     assert 0 < len(section["runs"]) <= 8
 
     assert [r["run"] for r in pushed_run(messages)][-1:] == [run["run"]], "the finished run reached the page"
-    texts = [text for node, text in messages.texts if node == "10"]
+    texts = [text for node, text in messages.texts if node == "11"]
     assert texts, f"the node's text after the run: {messages.texts}"
     assert texts[-1].startswith(f"run {run['run']} (done): skipped {run['steps_skipped']} of {steps} steps")
     assert "0 KB now" in texts[-1]
