@@ -1,7 +1,11 @@
 """Model cache manager: preload at start-up, hand out clones instantly, evict under a budget.
 
-One job per module: ``cache`` (the store and its policy), ``recipe`` (what a load is keyed on),
-``config`` (preload_config.json), ``aliases`` (cache keys), ``preload`` (progress, page-cache
-reads), ``status`` (the report) are plain Python; ``comfy_models`` holds every call into ComfyUI
-and ``service`` ties them together for the nodes and routes.
+One job per module, plain Python unless named: ``cache`` (the store, its budget and eviction
+policy), ``recipe`` (what a load is keyed on: files and their identity on disk, options),
+``config`` (preload_config.json, validated), ``aliases`` (cache keys), ``node_inputs`` (a loader
+node's inputs checked against its schema), ``preload`` (the preload lifecycle and page-cache
+reads), ``conditioning`` (cached text-encoder outputs, in RAM and on disk), ``bounded`` (bounded
+echoes of untrusted input) and ``status`` (the one report the routes, panel and Cache Info read).
+``comfy_models`` holds every call into ComfyUI, and ``service`` ties them together for the nodes
+and routes.
 """

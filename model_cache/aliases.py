@@ -37,7 +37,6 @@ class KnownLoad:
     names: tuple[str, ...]
     options: tuple[tuple[str, str], ...]
     pinned: bool
-    configured: bool
 
 
 class UnknownCacheKeyError(ValueError):
@@ -51,7 +50,7 @@ class AliasRegistry:
         self._lock = threading.Lock()
         self._configured: dict[tuple[ModelKind, str], KnownLoad] = {
             (e.kind, entry_alias(e)): KnownLoad(tuple(e.file_names()), tuple(sorted(e.load_options().items())),
-                                                e.pinned, configured=True)
+                                                e.pinned)
             for e in configured
         }
         self._loaded: dict[tuple[ModelKind, str], KnownLoad] = {}
@@ -69,7 +68,7 @@ class AliasRegistry:
         if (kind, alias) in self._configured:
             return
         with self._lock:
-            self._loaded[(kind, alias)] = KnownLoad(tuple(names), tuple(sorted(options.items())), False, False)
+            self._loaded[(kind, alias)] = KnownLoad(tuple(names), tuple(sorted(options.items())), False)
 
     def known(self, kind: ModelKind) -> dict[str, KnownLoad]:
         """Configured keys first (config order), then loaded ones; a snapshot, safe to iterate."""

@@ -108,10 +108,6 @@ def node_input_types(node_id: str) -> dict[str, Any]:
     return _node_class(node_id).INPUT_TYPES()
 
 
-def node_output_types(node_id: str) -> tuple[str, ...]:
-    return tuple(str(t) for t in _node_class(node_id).RETURN_TYPES)
-
-
 SKIPPED_FOLDERS = ("custom_nodes", "configs")
 
 

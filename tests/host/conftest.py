@@ -34,7 +34,7 @@ def make_service(comfy_host):
                                                           entries=list(entries)))
 
     yield build
-    service_module.reset_service(PreloadConfig(path=None))
+    release_everything()  # the test's models go now, not at the end of the module
 
 
 @pytest.fixture
@@ -53,28 +53,31 @@ def scratch_models(comfy_host, tmp_path):
             paths.remove(str(folder))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def release_models_after_each_module(comfy_host):
-    """Every in-process module starts from what the process holds at rest: the service reset,
-    ComfyUI's loaded-model list cleaned and the C heap trimmed. Without this, models that one
-    module's fixtures or the process-wide service kept alive piled up (17 GB RSS by the VAE
-    tests), which a CI machine with less RAM turns into hours of paging.
-    ``MEMKIT_RSS_LOG=path`` appends each module's RSS before and after the release."""
-    yield
-    import gc
-
+def release_everything() -> None:
+    """What the process holds at rest: the service reset, ComfyUI's models unloaded and its
+    loaded-model list cleaned, reference cycles collected and the C heap trimmed."""
     import comfy.model_management as mm
-    import psutil
 
     from comfyui_memkit.model_cache import service as service_module
     from comfyui_memkit.model_cache.config import PreloadConfig
 
-    before = psutil.Process().memory_info().rss
     service_module.reset_service(PreloadConfig(path=None))
     mm.unload_all_models()
     mm.cleanup_models()
     service_module.reclaim_memory()
-    gc.collect()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_models_after_each_module(comfy_host):
+    """Every in-process module starts from what the process holds at rest. Without this, models
+    that one module's fixtures or the process-wide service kept alive piled up (17 GB RSS by the
+    VAE tests), which a CI machine with less RAM turns into hours of paging.
+    ``MEMKIT_RSS_LOG=path`` appends each module's RSS before and after the release."""
+    yield
+    import psutil
+
+    before = psutil.Process().memory_info().rss
+    release_everything()
     if os.environ.get("MEMKIT_RSS_LOG"):
         after = psutil.Process().memory_info().rss
         with open(os.environ["MEMKIT_RSS_LOG"], "a") as log:
