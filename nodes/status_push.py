@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from ..model_cache.aliases import entry_alias
+from ..model_cache.bounded import cut
 from ..model_cache.service import MemKitService, get_service
 from ..model_cache.status import build_status
 
@@ -122,7 +123,8 @@ def install(server: Any) -> StatusPusher:
     try:
         from ..step_cache import report as step_cache_report
     except Exception as error:  # the cache's status is pushed without the step cache
-        log.warning("[memkit] step cache runs will not be pushed to the page: %s: %s", type(error).__name__, error)
+        log.warning("[memkit] step cache runs will not be pushed to the page: %s: %s", type(error).__name__,
+                    cut(str(error), 300))
     else:
         step_cache_report.add_listener(notify)  # a step cache run started or ended
     return _pusher

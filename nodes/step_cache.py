@@ -85,9 +85,8 @@ class MemKitStepCache(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_percent: float, end_percent: float) -> bool | str:
-        if start_percent > end_percent:
-            return f"start_percent ({start_percent}) is after end_percent ({end_percent}): no step would be cached"
-        return True
+        # the settings' own check, so the node and the settings never disagree on what is usable
+        return StepCacheSettings(start_percent=start_percent, end_percent=end_percent).problem() or True
 
     @classmethod
     def execute(cls, model, mode: str, threshold: float, cache_interval: int, max_consecutive_skips: int,

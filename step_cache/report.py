@@ -94,7 +94,7 @@ def live_runs() -> list[ReportingRun]:
 
 
 def clear() -> None:
-    """Forget the finished runs (tests, and /free-style resets)."""
+    """Forget the finished runs (tests start from an empty registry)."""
     with _lock:
         _finished.clear()
 

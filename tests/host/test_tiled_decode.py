@@ -352,9 +352,12 @@ def convolutions_are_fast_in(dtype: torch.dtype) -> bool:
     def seconds(d: torch.dtype) -> float:
         c, y = conv.to(d), x.to(d)
         c(y)  # warm-up
-        start = time.perf_counter()
-        c(y)
-        return time.perf_counter() - start
+        times = []
+        for _ in range(3):  # the fastest of three: one sample on a busy machine can be far off
+            start = time.perf_counter()
+            c(y)
+            times.append(time.perf_counter() - start)
+        return min(times)
 
     with torch.inference_mode():
         return seconds(dtype) < 5 * seconds(torch.float32)
