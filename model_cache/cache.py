@@ -24,6 +24,7 @@ executing thread calls ``release_deferred``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -108,6 +109,34 @@ class LoadOutcome:
     value: Any
     entry: CacheEntry
     hit: bool
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """The cache as it was at one instant (one hold of its lock), for status: rows, totals and
+    the budget read from separate calls could each be true and still disagree with each other
+    while loads and evictions run. Entries are copies, so later hits or pins do not change them."""
+
+    entries: list[CacheEntry]
+    loading: list[tuple[str, int]]  # (alias, requests waiting for it)
+    releasing: list[CacheEntry]
+    retired: list[RetiredEntry]
+    reserved_bytes: int
+    budget_bytes: int | None
+    refuse_over_budget: bool
+    loads: int
+    evictions: int
+    readoptions: int
+
+    @property
+    def footprint(self) -> Footprint:
+        return sum((e.footprint for e in self.entries), Footprint())
+
+    @property
+    def over_budget_bytes(self) -> int:
+        if self.budget_bytes is None:
+            return 0
+        return max(0, self.footprint.ram - self.budget_bytes)
 
 
 class _Flight:
@@ -436,6 +465,16 @@ class ModelCache:
             entry.stale = reason
             self._hit(entry, pinned, use_token)
             return LoadOutcome(entry.value, entry, hit=True)
+
+    def snapshot(self) -> CacheSnapshot:
+        """Everything status reports, read under one hold of the lock (see ``CacheSnapshot``)."""
+        with self._lock:
+            return CacheSnapshot(
+                entries=[dataclasses.replace(e) for e in self._entries.values()],
+                loading=self.loading(), releasing=[dataclasses.replace(e) for e in self._releasing.values()],
+                retired=self.retired(), reserved_bytes=self.reserved_bytes(), budget_bytes=self.budget_bytes,
+                refuse_over_budget=self.refuse_over_budget, loads=self.loads, evictions=self.evictions,
+                readoptions=self.readoptions)
 
     def reserved_bytes(self) -> int:
         with self._lock:

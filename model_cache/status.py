@@ -21,7 +21,7 @@ from typing import Any
 
 from . import comfy_models
 from .bounded import cut
-from .cache import CacheEntry, Footprint
+from .cache import CacheEntry, CacheSnapshot, Footprint
 from .recipe import LoadRecipe
 from .service import MemKitService
 
@@ -49,36 +49,38 @@ def _cached_row(entry: CacheEntry, failure: str | None, over_budget: int) -> dic
     return row
 
 
-def status_rows(service: MemKitService) -> list[dict[str, Any]]:
-    """One row per cache key (cached entries in load order, then the others)."""
-    cache = service.cache
+def status_rows(service: MemKitService, snapshot: CacheSnapshot | None = None) -> list[dict[str, Any]]:
+    """One row per cache key (cached entries in load order, then the others), from one
+    ``snapshot`` of the cache (taken now when not given)."""
+    snapshot = snapshot or service.cache.snapshot()
     failures = service.preload.snapshot().failures
-    over = cache.over_budget_bytes()
+    over = snapshot.over_budget_bytes
     rows: dict[str, dict[str, Any]] = {}
-    for entry in sorted(cache.entries(), key=lambda e: e.seq):
+    for entry in sorted(snapshot.entries, key=lambda e: e.seq):
         row = _cached_row(entry, failures.get(entry.alias), over)
         if entry.alias in rows:  # two versions under one key (a file changed while it loaded): one row
             row["copies"] = rows[entry.alias].get("copies", 1) + 1
             for field in ("ram_bytes", "mapped_bytes", "vram_bytes"):
                 row[field] += rows[entry.alias][field]
         rows[entry.alias] = row
-    for alias, waiting in cache.loading():
+    for alias, waiting in snapshot.loading:
         rows.setdefault(alias, {"cache_key": alias, "state": "loading", "waiting": waiting})
-    for entry in cache.releasing():
+    for entry in snapshot.releasing:
         rows.setdefault(entry.alias, _describe(entry.alias, entry.recipe, entry.footprint, "releasing"))
-    for retired in cache.retired():
+    for retired in snapshot.retired:
         rows.setdefault(retired.alias, _describe(retired.alias, retired.recipe, retired.footprint, "evicted-held"))
     for alias, error in failures.items():
         rows.setdefault(alias, {"cache_key": alias, "state": "failed", "error": error})
     return list(rows.values())
 
 
-def readiness(service: MemKitService) -> dict[str, Any]:
+def readiness(service: MemKitService, snapshot: CacheSnapshot | None = None) -> dict[str, Any]:
     """What ``/memkit/ready`` answers. ``ready``: every preload entry has an outcome and the
     warm-up ran; its state is ``degraded`` when an entry failed or is stale, the warm-up failed
     or the run went wrong as a whole."""
     state = service.preload.snapshot()
-    stale = sorted(e.alias for e in service.cache.entries() if e.stale)
+    entries = (snapshot or service.cache.snapshot()).entries
+    stale = sorted(e.alias for e in entries if e.stale)
     name = "degraded" if state.state == "ready" and stale else state.state
     return {"ready": state.ready, "state": name, "mode": state.mode, "phase": state.phase, "done": state.done,
             "total": state.total, "failed": sorted(state.failures), "stale": stale,
@@ -115,16 +117,16 @@ def build_status(service: MemKitService) -> dict[str, Any]:
     entries that a prompt or ComfyUI's output cache still holds, freed when they let go.
     ``step_cache``: see ``step_cache_status``.
     """
-    cache = service.cache
-    rows = status_rows(service)
-    total = cache.footprint()
+    cache = service.cache.snapshot()  # rows and totals from one instant: they agree with each other
+    rows = status_rows(service, cache)
+    total = cache.footprint
     held = [row for row in rows if row["state"] == "evicted-held"]
-    ready = readiness(service)
+    ready = readiness(service, cache)
     return {
         "entries": rows,
-        "totals": {"entries": len(cache.entries()), "ram_bytes": total.ram, "mapped_bytes": total.mapped,
-                   "vram_bytes": total.vram, "reserved_bytes": cache.reserved_bytes(),
-                   "budget_bytes": cache.budget_bytes, "over_budget_bytes": cache.over_budget_bytes(),
+        "totals": {"entries": len(cache.entries), "ram_bytes": total.ram, "mapped_bytes": total.mapped,
+                   "vram_bytes": total.vram, "reserved_bytes": cache.reserved_bytes,
+                   "budget_bytes": cache.budget_bytes, "over_budget_bytes": cache.over_budget_bytes,
                    "refuse_over_budget": cache.refuse_over_budget,
                    "evicted_held_ram_bytes": sum(row["ram_bytes"] for row in held),
                    "loads": cache.loads, "evictions": cache.evictions, "readoptions": cache.readoptions},

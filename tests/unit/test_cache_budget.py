@@ -143,3 +143,35 @@ def test_the_copy_of_a_file_that_is_gone_is_served_as_stale_by_its_cache_key():
     assert served.value is kept
     assert served.entry.stale.startswith("vae 'a' is not a file")
     assert cache.serve_stale(None, "x", alias="vae:other") is None
+
+
+def test_a_snapshot_is_one_instant_that_later_changes_leave_alone():
+    """Status is built from one snapshot: rows, totals and the budget must not come from
+    different moments (a burst of loads and evictions once showed a cache over its budget with
+    ``over_budget_bytes`` 0, read a moment later)."""
+    cache = ModelCache(measure=measure, budget_bytes=1000)
+    cache.get_or_load(recipe("a"), lambda: Value(ram=700), alias="a", pinned=True)
+    cache.get_or_load(recipe("b"), lambda: Value(ram=600), alias="b")  # kept over the budget: it was just used
+    snapshot = cache.snapshot()
+    cache.set_pinned("a", False)
+    cache.evict("b")
+    assert [(e.alias, e.pinned) for e in snapshot.entries] == [("a", True), ("b", False)]
+    assert snapshot.footprint.ram == 1300
+    assert snapshot.over_budget_bytes == 300
+    assert cache.snapshot().over_budget_bytes == 0
+    assert cache.snapshot().evictions == 1
+
+
+def test_a_snapshot_during_a_load_shows_it_loading_with_its_reservation():
+    seen = {}
+    cache = ModelCache(measure=measure, budget_bytes=10_000, estimate=lambda r: 2 * r.file_bytes)
+
+    def load():
+        seen["during"] = cache.snapshot()
+        return Value(150)
+
+    cache.get_or_load(recipe("a", size=100), load, alias="a")
+    during = seen["during"]
+    assert (during.entries, during.loading, during.reserved_bytes, during.loads) == ([], [("a", 0)], 200, 0)
+    after = cache.snapshot()
+    assert ([e.alias for e in after.entries], after.loading, after.reserved_bytes, after.loads) == (["a"], [], 0, 1)
