@@ -85,10 +85,6 @@ class CacheEntry:
     def key(self) -> str:
         return self.recipe.key
 
-    @property
-    def nbytes(self) -> int:
-        return self.footprint.ram
-
 
 @dataclass(frozen=True)
 class RetiredEntry:
@@ -354,7 +350,7 @@ class ModelCache:
         while self._committed_ram() + extra > self.budget_bytes and candidates:
             victim = candidates.pop(0)
             log.info("evicting %s (%.1f MB) to stay within the %.1f GB budget",
-                     victim.alias, victim.nbytes / 2**20, self.budget_bytes / 2**30)
+                     victim.alias, victim.footprint.ram / 2**20, self.budget_bytes / 2**30)
             self._remove(victim.key)
             self.evictions += 1
         if self._committed_ram() + extra > self.budget_bytes and not self.refuse_over_budget:

@@ -17,9 +17,11 @@ section says so and the rest of the status is still served.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from . import comfy_models
+from .aliases import entry_alias
 from .bounded import cut
 from .cache import CacheEntry, CacheSnapshot, Footprint
 from .recipe import LoadRecipe
@@ -108,8 +110,17 @@ def step_cache_status() -> dict[str, Any]:
             "held_total_bytes": sum(held.values())}
 
 
+def configured_entries(service: MemKitService) -> list[dict[str, Any]]:
+    """The enabled config entries, in config order: what the panel can preload one by one."""
+    return [{"cache_key": entry_alias(e), "kind": e.kind.value, "files": e.file_names(), "pinned": e.pinned,
+             "description": e.description} for e in service.config.enabled_entries()]
+
+
 def build_status(service: MemKitService) -> dict[str, Any]:
-    """Every key's row, totals, preload progress, the conditioning cache and the config's problems.
+    """``/memkit/status``, the panel's ``memkit.status`` messages and the info nodes: every key's row,
+    totals, preload progress, the conditioning cache, the step cache, the config's problems, the
+    configured entries, and when it was taken (``time``, seconds since the epoch: the page keeps
+    the newest of what the route and the messages bring).
 
     ``ram_bytes`` is private RAM (what the budget counts), ``mapped_bytes`` RAM mapped from the
     model files, ``vram_bytes`` accelerator memory. ``over_budget_bytes``: how far pinned
@@ -117,6 +128,7 @@ def build_status(service: MemKitService) -> dict[str, Any]:
     entries that a prompt or ComfyUI's output cache still holds, freed when they let go.
     ``step_cache``: see ``step_cache_status``.
     """
+    taken = time.time()
     cache = service.cache.snapshot()  # rows and totals from one instant: they agree with each other
     rows = status_rows(service, cache)
     total = cache.footprint
@@ -137,4 +149,6 @@ def build_status(service: MemKitService) -> dict[str, Any]:
         "step_cache": step_cache_status(),
         "config": {"path": str(service.config.path) if service.config.path else None,
                    "problems": list(service.config.problems)},
+        "configured": configured_entries(service),
+        "time": taken,
     }

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..model_cache.bounded import cut, shown
 from ..model_cache.config import check_model_name
 from ..model_cache.service import MemKitService, get_service
-from ..model_cache.status import readiness
+from ..model_cache.status import build_status, readiness
 from . import route_guard, status_push
 from .preload_queue import queue_release, start_background_preload
 
@@ -201,7 +201,7 @@ def register_routes(routes: web.RouteTableDef) -> None:
     @routes.get("/memkit/status")
     async def memkit_status(_request: web.Request) -> web.Response:
         # measuring the cache takes its lock and may stat files: off the event loop
-        payload = await asyncio.to_thread(lambda: status_push.panel_status(get_service()))
+        payload = await asyncio.to_thread(lambda: build_status(get_service()))
         return web.json_response(payload)
 
     @routes.get("/memkit/ready")

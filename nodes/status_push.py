@@ -28,9 +28,8 @@ import threading
 import time
 from typing import Any
 
-from ..model_cache.aliases import entry_alias
 from ..model_cache.bounded import cut
-from ..model_cache.service import MemKitService, get_service
+from ..model_cache.service import get_service
 from ..model_cache.status import build_status
 
 log = logging.getLogger("memkit.push")
@@ -39,19 +38,6 @@ EVENT = "memkit.status"
 POLL_SECONDS = 1.0
 MIN_GAP_SECONDS = 0.25
 REMEASURE_IDLE_POLLS = 5  # with no page connected, footprints are measured again every 5 polls
-
-
-def configured_entries(service: MemKitService) -> list[dict[str, Any]]:
-    """The enabled config entries, in config order: what the panel can preload one by one."""
-    return [{"cache_key": entry_alias(e), "kind": e.kind.value, "files": e.file_names(), "pinned": e.pinned,
-             "description": e.description} for e in service.config.enabled_entries()]
-
-
-def panel_status(service: MemKitService) -> dict[str, Any]:
-    """``/memkit/status``: the cache's status, the configured entries, and when it was taken (``time``,
-    seconds since the epoch: the page keeps the newest of what the route and the messages bring)."""
-    taken = time.time()
-    return {**build_status(service), "configured": configured_entries(service), "time": taken}
 
 
 class StatusPusher:
@@ -100,7 +86,7 @@ class StatusPusher:
 
     def push(self, force: bool = False) -> bool:
         """Send the status if it changed since the last message (or ``force``); True when sent."""
-        payload = panel_status(get_service())
+        payload = build_status(get_service())
         text = json.dumps({k: v for k, v in payload.items() if k != "time"}, sort_keys=True, default=str)
         if not force and text == self._last:
             return False

@@ -164,16 +164,24 @@ def load_ui(name: str) -> dict:
     return json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
 
 
-def load_template(page, name: str) -> dict:
-    """Load a UI workflow from the template browser; returns the file's graph."""
+def load_template(page, name: str, missing_models: tuple[str, ...] = ()) -> dict:
+    """Load a UI workflow from the template browser; returns the file's graph. ``missing_models``:
+    the files the page's missing-models dialog must list (then it is closed); else no dialog opens."""
     workflow = load_ui(name)
     open_templates(page)
     page.click(f"[data-testid=template-workflow-{name}]")
     types = sorted(node["type"] for node in workflow["nodes"])
     page.wait_for_function("types => JSON.stringify(app.graph.nodes.map(n => n.type).sort()) === JSON.stringify(types)",
                            arg=types, timeout=30_000)
-    page.wait_for_timeout(1000)  # a missing-node or missing-model dialog would be open by now
     dialogs = page.locator(".p-dialog:visible")
+    if missing_models:
+        dialog = dialogs.filter(has_text="Missing Models")
+        dialog.wait_for(timeout=30_000)
+        text = dialog.inner_text()
+        assert all(model in text for model in missing_models), f"{name}: the dialog lists {text[:800]}"
+        page.keyboard.press("Escape")
+        dialog.wait_for(state="hidden", timeout=30_000)
+    page.wait_for_timeout(1000)  # a missing-node or missing-model dialog would be open by now
     assert dialogs.count() == 0, f"{name}: a dialog opened on load: {dialogs.first.inner_text()[:500]}"
     return workflow
 
@@ -377,13 +385,15 @@ def test_ui_workflow_from_the_template_browser_runs(page, server, name):
     assert values == {n["id"]: n.get("widgets_values") or [] for n in load_ui(name)["nodes"]}
 
 
-def test_wan_ui_workflow_loads_from_the_template_browser_as_its_api_file(page, server):
-    """Loaded (no missing-node dialog; the page checks model files only when it queues) and exported
-    by the page exactly as example_workflows/api/ has it. Not queued here: it names the real Wan 2.1
-    files, which `make run` does not have; test_video_caches_server.py runs its API file with
-    stand-ins through /prompt."""
+def test_wan_ui_workflow_offers_its_real_model_files_and_exports_as_its_api_file(page, server):
+    """It names the real Wan 2.1 files, which `make run` does not have: the page's missing-models
+    dialog lists them on load (they are declared in the nodes' ``properties.models`` with their
+    download addresses), instead of a FileNotFoundError at run time. Exported by the page exactly
+    as example_workflows/api/ has it. Not queued here: test_video_caches_server.py runs its API file
+    with stand-ins through /prompt."""
     name = "memkit_wan21_t2v"
-    load_template(page, name)
+    load_template(page, name, missing_models=("wan2.1_t2v_1.3B_fp16.safetensors",
+                                              "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"))
     check_groups(page, name)
     if REFRESH:
         save_thumbnail(page, name)

@@ -56,7 +56,7 @@ def test_clip_vision_is_cached_cloned_and_encodes_like_the_core_loader(comfy_hos
     assert ours is not again, "each request gets its own copy"
     assert ours.patcher is not again.patcher
     assert ours.model is again.model, "which shares the cached weights"
-    assert entry.nbytes > 500 * 2**20
+    assert entry.footprint.ram > 500 * 2**20
     encode = core(extra_nodes, "CLIPVisionEncode", clip_vision=ours, image=image(), crop="center")[0]
     reference = core(extra_nodes, "CLIPVisionEncode", clip_vision=theirs, image=image(), crop="center")[0]
     assert torch.isfinite(encode["image_embeds"]).all()

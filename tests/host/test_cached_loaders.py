@@ -49,7 +49,7 @@ def test_vae_loader_is_a_drop_in_for_vaeloader_and_hits_the_second_time(comfy_ho
     assert entry.alias == f"vae:{SD_VAE}"
     assert again.patcher is not ours.patcher, "each request gets its own patcher"
     assert again.first_stage_model is ours.first_stage_model, "but shares the cached weights"
-    assert entry.nbytes > 50 * 2**20
+    assert entry.footprint.ram > 50 * 2**20
 
 
 def test_diffusion_model_loader_matches_unetloader_and_keys_on_weight_dtype(comfy_host, make_service):

@@ -182,3 +182,41 @@ def test_the_layout_check_finds_a_missing_group_a_node_outside_and_a_missing_not
     assert layout_problems({**workflow, "nodes": moved}) == [f"node 1 ({workflow['nodes'][0]['type']}) is in no group"]
     no_note = [n for n in workflow["nodes"] if n["type"] not in ew.FRONTEND_ONLY]
     assert layout_problems({**workflow, "nodes": no_note}) == ["no note node that says what the workflow shows"]
+
+
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+MODEL_FOLDERS = {"checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras", "upscale_models"}
+
+
+def undeclared_models(workflow: dict) -> list[str]:
+    """Model files a workflow names that the page could not offer for download: every file but the
+    seeded demo ones (``memkit-*``, made by `make run`) must be in its node's ``properties.models``
+    (name, url, directory), which the page checks on load (its missing-models dialog)."""
+    problems = []
+    for n in workflow["nodes"]:
+        declared = {m.get("name"): m for m in (n.get("properties") or {}).get("models") or []}
+        for value in n.get("widgets_values") or []:
+            if not isinstance(value, str) or not value.endswith(MODEL_SUFFIXES) or value.startswith("memkit-"):
+                continue
+            model = declared.get(value)
+            if model is None:
+                problems.append(f"node {n['id']} ({n['type']}): {value} is not in properties.models")
+            elif not str(model.get("url", "")).startswith("https://") or model.get("directory") not in MODEL_FOLDERS:
+                problems.append(f"node {n['id']} ({n['type']}): {value} has no https url or known directory")
+    return problems
+
+
+def test_every_real_model_file_a_shipped_workflow_names_is_declared_for_the_pages_download_dialog():
+    for source in ew.ui_workflows():
+        assert undeclared_models(json.loads(source.read_text())) == [], source.name
+
+
+def test_the_model_check_finds_an_undeclared_file_and_a_declaration_without_url():
+    workflow = json.loads((REPO / "example_workflows" / "memkit_wan21_t2v.json").read_text())
+    vae = next(n for n in workflow["nodes"] if n["type"] == "MemKitVAELoader")
+    vae["properties"]["models"][0]["url"] = ""
+    assert undeclared_models(workflow) == [f"node {vae['id']} (MemKitVAELoader): wan_2.1_vae.safetensors has no "
+                                           "https url or known directory"]
+    del vae["properties"]["models"]
+    assert undeclared_models(workflow) == [f"node {vae['id']} (MemKitVAELoader): wan_2.1_vae.safetensors is not in "
+                                           "properties.models"]
