@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export the UI-format workflows in ``example_workflows/`` to API format in ``example_workflows/api/``.
+"""Export the UI-format workflows in ``workflows/`` to API format in ``workflows/api/``.
 
 The UI files (what ComfyUI's *Save* / *Export* writes and its template browser lists) are the
 source; the API files (what ``POST /prompt`` takes) are generated from them, so the two never
@@ -19,7 +19,7 @@ Usage (the node definitions come from a running ComfyUI, e.g. ``make run``)::
 
     python scripts/export_workflows.py [--server http://127.0.0.1:8188] [--check]
 
-``--check`` writes nothing and exits 1 when a file in ``example_workflows/api/`` is not what its UI
+``--check`` writes nothing and exits 1 when a file in ``workflows/api/`` is not what its UI
 source exports to. Standard library only.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = REPO / "example_workflows"
+WORKFLOWS = REPO / "workflows"
 API_DIR = WORKFLOWS / "api"
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -178,7 +178,7 @@ def dumps(prompt: dict[str, Any]) -> str:
 
 
 def ui_workflows(folder: Path = WORKFLOWS) -> list[Path]:
-    """The UI-format workflows: the .json files of ``example_workflows/`` itself (what the template browser lists)."""
+    """The UI-format workflows: the .json files of ``workflows/`` itself (what the template browser lists)."""
     return sorted(folder.glob("*.json"))
 
 
@@ -229,9 +229,9 @@ def main() -> int:
         log.error("%s", error)
         return 1
     if args.check and stale:
-        log.error("out of date in example_workflows/api/: %s (run `make workflows`)", ", ".join(stale))
+        log.error("out of date in workflows/api/: %s (run `make workflows`)", ", ".join(stale))
         return 1
-    log.info("example_workflows/api/ is up to date" if not stale else f"{len(stale)} file(s) updated")
+    log.info("workflows/api/ is up to date" if not stale else f"{len(stale)} file(s) updated")
     return 0
 
 

@@ -233,7 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_workflows(args: argparse.Namespace) -> None:
-    """Export example_workflows/*.json (UI format) to example_workflows/api/ with the node definitions of a
+    """Export workflows/*.json (UI format) to workflows/api/ with the node definitions of a
     running ComfyUI (`make run`)."""
     python = ensure_python()
     cmd = [str(python), str(REPO / "scripts" / "export_workflows.py"), "--server", f"http://127.0.0.1:{args.port}"]
@@ -263,7 +263,7 @@ def main() -> None:
     bench = sub.add_parser("bench")
     bench.add_argument("only", nargs="*", help="benchmark names to run (default: all)")
     bench.set_defaults(func=cmd_bench)
-    workflows = sub.add_parser("workflows", help="export example_workflows/ to its api/ folder (needs `make run`)")
+    workflows = sub.add_parser("workflows", help="export workflows/ to its api/ folder (needs `make run`)")
     workflows.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8188)))
     workflows.add_argument("--check", action="store_true", help="write nothing; fail if a file is out of date")
     workflows.set_defaults(func=cmd_workflows)

@@ -8,7 +8,7 @@ template browser, the way a user does, and queued with the Run button.
 Screenshots: a failing test leaves one (and the page's console) in ``test-artifacts/page/``.
 ``MEMKIT_REFRESH_SCREENSHOTS=1`` rewrites the committed ones: ``docs/screenshots/*.png`` (the
 panel, a loaded workflow, the template browser) and the template browser's thumbnails
-``example_workflows/<name>.jpg``.
+``workflows/<name>.jpg``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ VIEWPORT = {"width": 1400, "height": 900}
 
 MISSING = {"name": "memkit-missing.safetensors", "cache_key": "demo-missing",
            "description": "a file that is not there: the panel shows why it failed"}
-UI_WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+UI_WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 NOT_RUN = {"memkit_wan21_t2v"}  # real Wan 2.1 files: see its own test below
 RUN = [name for name in UI_WORKFLOWS if name not in NOT_RUN]
 ANIMATIONS = {"memkit_wan21_video_tiled_decode": (9, 128, 128)}  # (frames, height, width) of its animated WEBP
@@ -161,7 +161,7 @@ def open_templates(page) -> None:
 
 
 def load_ui(name: str) -> dict:
-    return json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    return json.loads((REPO / "workflows" / f"{name}.json").read_text())
 
 
 def load_template(page, name: str, missing_models: tuple[str, ...] = ()) -> dict:
@@ -212,7 +212,7 @@ def save_thumbnail(page, name: str) -> None:
     page.evaluate(command, "Workspace.ToggleFocusMode")
     page.set_viewport_size(VIEWPORT)
     shot.thumbnail((800, 600))
-    shot.save(REPO / "example_workflows" / f"{name}.jpg", quality=85)
+    shot.save(REPO / "workflows" / f"{name}.jpg", quality=85)
 
 
 def check_groups(page, name: str) -> None:
@@ -230,7 +230,7 @@ def check_groups(page, name: str) -> None:
 
 
 def api_file(name: str) -> dict:
-    return json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
 
 
 # --- the panel ----------------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def test_ui_workflow_from_the_template_browser_runs(page, server, name):
         page.click("[data-testid=queue-button]")
     assert answer.value.status == 200, answer.value.text()
     queued = answer.value.request.post_data_json["prompt"]
-    assert queued == api_file(name), f"the page queues what example_workflows/api/{name}.json holds"
+    assert queued == api_file(name), f"the page queues what workflows/api/{name}.json holds"
     outputs = server.wait_for(answer.value.json()["prompt_id"], timeout=600)
     if name == "memkit_cache_info":
         table, by_key, by_file = ("\n".join(outputs[node]["text"]) for node in ("1", "2", "3"))
@@ -389,7 +389,7 @@ def test_wan_ui_workflow_offers_its_real_model_files_and_exports_as_its_api_file
     """It names the real Wan 2.1 files, which `make run` does not have: the page's missing-models
     dialog lists them on load (they are declared in the nodes' ``properties.models`` with their
     download addresses), instead of a FileNotFoundError at run time. Exported by the page exactly
-    as example_workflows/api/ has it. Not queued here: test_video_caches_server.py runs its API file
+    as workflows/api/ has it. Not queued here: test_video_caches_server.py runs its API file
     with stand-ins through /prompt."""
     name = "memkit_wan21_t2v"
     load_template(page, name, missing_models=("wan2.1_t2v_1.3B_fp16.safetensors",
@@ -408,7 +408,7 @@ def test_template_browser_lists_every_ui_workflow_with_its_thumbnail(page, serve
         image.wait_for()
         # the page fetches /api/workflow_templates/<package>/<name>.jpg (falling back to its default
         # picture when that fails): the card shows our file when it has that file's size
-        size = Image.open(REPO / "example_workflows" / f"{name}.jpg").size
+        size = Image.open(REPO / "workflows" / f"{name}.jpg").size
         page.wait_for_function("([img, w, h]) => img.complete && img.naturalWidth === w && img.naturalHeight === h",
                                arg=[image.element_handle(), *size], timeout=10_000)
         assert "default-template" not in image.get_attribute("src")

@@ -112,9 +112,9 @@ def test_the_runpod_style_start_script_waits_for_ready_then_runs_the_handler(tmp
            "MEMKIT_PRELOAD_CONFIG": str(config), "HF_HUB_OFFLINE": "1",
            "COMFY_ARGS": f"--cpu --base-directory {base} --extra-model-paths-config {base / 'extra_model_paths.yaml'} "
                          "--database-url sqlite:///:memory: --disable-auto-launch"}
-    handler = [env["PYTHON"], str(REPO / "examples" / "runpod_worker" / "handler.py"), str(workflow)]
+    handler = [env["PYTHON"], str(REPO / "deploy" / "runpod_worker" / "handler.py"), str(workflow)]
     try:
-        done = subprocess.run([str(REPO / "examples" / "runpod_worker" / "start.sh"), *handler], env=env,
+        done = subprocess.run([str(REPO / "deploy" / "runpod_worker" / "start.sh"), *handler], env=env,
                               capture_output=True, text=True, timeout=300, check=False)
     finally:
         if pidfile.exists():

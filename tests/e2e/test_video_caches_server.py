@@ -179,7 +179,7 @@ def test_text_encode_by_name_gives_clip_text_encodes_image_and_skips_the_encoder
 
 def wan_workflow_for_tests() -> dict:
     """The shipped workflow (API export) with its files mapped to the stand-ins and shrunk to CPU size."""
-    text = (REPO / "example_workflows" / "api" / "memkit_wan21_t2v.json").read_text()
+    text = (REPO / "workflows" / "api" / "memkit_wan21_t2v.json").read_text()
     for real, stand_in in WAN_STAND_INS.items():
         text = text.replace(json.dumps(real), json.dumps(stand_in))
     workflow = json.loads(text)

@@ -1,5 +1,5 @@
 """Every shipped workflow runs, as shipped, through /prompt on a server started like `make run`;
-the API files in example_workflows/api/ are what their UI sources in example_workflows/ export to with this
+the API files in workflows/api/ are what their UI sources in workflows/ export to with this
 ComfyUI's node definitions (scripts/export_workflows.py), so the two never drift."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import export_workflows  # noqa: E402  (scripts/export_workflows.py)
 # Workflows that name real models `make run` does not provide run with stand-ins in their own test.
 TESTED_ELSEWHERE = {"memkit_wan21_t2v": "test_video_caches_server.py"}
 UI_WORKFLOWS = export_workflows.ui_workflows()
-ALL_WORKFLOWS = sorted((REPO / "example_workflows" / "api").glob("*.json"))
+ALL_WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 WORKFLOWS = [w for w in ALL_WORKFLOWS if w.stem not in TESTED_ELSEWHERE]
 DEMO_CONFIG = REPO / "scripts" / "demo_preload_config.json"
 TEXT_ONLY = {"memkit_cache_info"}  # its outputs are text shown on the nodes
@@ -43,8 +43,8 @@ def test_workflows_are_shipped_and_each_is_tested():
     assert len(WORKFLOWS) >= 3
     assert [w.name for w in ALL_WORKFLOWS] == [w.name for w in UI_WORKFLOWS], "one API export per UI workflow"
     for stem, test_file in TESTED_ELSEWHERE.items():
-        assert (REPO / "example_workflows" / "api" / f"{stem}.json").is_file()
-        assert f"example_workflows\" / \"api\" / \"{stem}.json" in (Path(__file__).parent / test_file).read_text()
+        assert (REPO / "workflows" / "api" / f"{stem}.json").is_file()
+        assert f"workflows\" / \"api\" / \"{stem}.json" in (Path(__file__).parent / test_file).read_text()
 
 
 def test_api_files_are_the_export_of_the_ui_workflows(demo_server):
@@ -52,8 +52,8 @@ def test_api_files_are_the_export_of_the_ui_workflows(demo_server):
     object_info = demo_server.get("/object_info")
     for source in UI_WORKFLOWS:
         exported = export_workflows.dumps(export_workflows.ui_to_api(json.loads(source.read_text()), object_info))
-        assert (REPO / "example_workflows" / "api" / source.name).read_text() == exported, (
-            f"example_workflows/api/{source.name} is not the export of example_workflows/{source.name}: "
+        assert (REPO / "workflows" / "api" / source.name).read_text() == exported, (
+            f"workflows/api/{source.name} is not the export of workflows/{source.name}: "
             "run `make workflows`")
     assert export_workflows.export_all(object_info, check=True) == []
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from comfyui_memkit.model_cache.config import HostChoices, load_config
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy"
 CHOICES = HostChoices(clip_types=("stable_diffusion", "sdxl"), weight_dtypes=("default",))
 
 

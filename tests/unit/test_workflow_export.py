@@ -130,7 +130,7 @@ def test_every_shipped_ui_workflow_has_its_api_export_and_a_thumbnail():
     for source in sources:
         workflow = json.loads(source.read_text())
         assert isinstance(workflow.get("nodes"), list), f"{source.name} is not a UI-format workflow"
-        assert (REPO / "example_workflows" / "api" / source.name).is_file(), f"no example_workflows/api/{source.name}"
+        assert (REPO / "workflows" / "api" / source.name).is_file(), f"no workflows/api/{source.name}"
         assert source.with_suffix(".jpg").is_file(), f"no thumbnail {source.stem}.jpg for the template browser"
 
 
@@ -172,7 +172,7 @@ def test_every_shipped_ui_workflow_is_grouped_with_every_node_in_a_group_and_has
 
 
 def test_the_layout_check_finds_a_missing_group_a_node_outside_and_a_missing_note():
-    workflow = json.loads((REPO / "example_workflows" / "memkit_sd15_cached_loader.json").read_text())
+    workflow = json.loads((REPO / "workflows" / "memkit_sd15_cached_loader.json").read_text())
     assert layout_problems(workflow) == []
     others = workflow["groups"][1:]  # the nodes of the first group are in none now
     assert layout_problems({**workflow, "groups": others}) == ["node 1 (MemKitCheckpointLoader) is in no group"]
@@ -212,7 +212,7 @@ def test_every_real_model_file_a_shipped_workflow_names_is_declared_for_the_page
 
 
 def test_the_model_check_finds_an_undeclared_file_and_a_declaration_without_url():
-    workflow = json.loads((REPO / "example_workflows" / "memkit_wan21_t2v.json").read_text())
+    workflow = json.loads((REPO / "workflows" / "memkit_wan21_t2v.json").read_text())
     vae = next(n for n in workflow["nodes"] if n["type"] == "MemKitVAELoader")
     vae["properties"]["models"][0]["url"] = ""
     assert undeclared_models(workflow) == [f"node {vae['id']} (MemKitVAELoader): wan_2.1_vae.safetensors has no "

@@ -17,9 +17,9 @@ snapshot) it would stay a CPU ComfyUI after the restore; MemKit does not patch C
 that. With a CPU-only snapshot, run ComfyUI in the ``snap=False`` hook instead and keep only the
 Python imports in the snapshot.
 
-Deploy: ``modal deploy examples/modal_snapshot/comfyui_memkit_app.py`` (models in the ``comfyui-models``
+Deploy: ``modal deploy deploy/modal_snapshot/comfyui_memkit_app.py`` (models in the ``comfyui-models``
 volume, laid out as ComfyUI's models folder; the preload config next to this file).
-Try: ``modal run examples/modal_snapshot/comfyui_memkit_app.py --workflow my_workflow_api.json``.
+Try: ``modal run deploy/modal_snapshot/comfyui_memkit_app.py --workflow my_workflow_api.json``.
 """
 
 from __future__ import annotations
