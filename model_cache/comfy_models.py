@@ -242,9 +242,10 @@ def encoder_identity(clip: Any) -> tuple[str, bool] | None:
     model = getattr(clip, "cond_stage_model", None)
     if patcher is None or model is None:
         return None
+    object_patches = _plain_object_patches(patcher)
     if (getattr(clip, "apply_hooks_to_conds", None) or getattr(clip, "use_clip_schedule", False)
             or getattr(patcher, "hook_patches", None) or getattr(patcher, "forced_hooks", None)
-            or patcher.patches or getattr(patcher, "object_patches", None)
+            or patcher.patches or object_patches is None
             or patcher.model_options != {"transformer_options": {}}):
         return None
     origin = _origin_of(clip)
@@ -252,9 +253,26 @@ def encoder_identity(clip: Any) -> tuple[str, bool] | None:
     key = getattr(origin, "key", None) if ours else None
     base = f"memkit:{key}" if key else f"object:{_object_token(model)}"
     options = json.dumps(getattr(clip, "tokenizer_options", {}), sort_keys=True, default=repr)
-    identity = json.dumps([base, repr(getattr(clip, "layer_idx", None)), options, str(patcher.load_device),
-                           comfy_version()])
-    return identity, key is not None
+    parts = [base, repr(getattr(clip, "layer_idx", None)), options, str(patcher.load_device), comfy_version()]
+    if object_patches:  # only then: the identities of CLIPs without any stay what they were
+        parts.append(object_patches)
+    return json.dumps(parts), key is not None
+
+
+PLAIN_PATCH_VALUES = (bool, int, float, str, type(None))
+
+
+def _plain_object_patches(patcher: Any) -> list[list[str]] | None:
+    """A patcher's object patches as sorted ``[name, repr]`` pairs when each is a plain value (a
+    dtype, a number, a string), which the identity can carry; None when one is not (a module, a
+    function: its effect cannot be keyed). ComfyUI 0.38 gives every CLIP one, ``manual_cast_dtype``
+    = float32; refusing all object patches would turn the cache off there."""
+    import torch
+
+    patches = getattr(patcher, "object_patches", None) or {}
+    if not all(isinstance(value, (torch.dtype, *PLAIN_PATCH_VALUES)) for value in patches.values()):
+        return None
+    return sorted([str(name), repr(value)] for name, value in patches.items())
 
 
 def _origin_of(clip: Any) -> LoadedValue | None:

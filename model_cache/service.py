@@ -143,6 +143,8 @@ class MemKitService:
             try:  # a node load runs with its checked inputs (defaults filled in)
                 value = comfy_models.load(kind, names, dict(recipe.options) if kind is ModelKind.NODE else options)
             except Exception as error:
+                if comfy_models.is_interrupt(error):  # an Exception before ComfyUI 0.20: not a failed load
+                    raise
                 source = ", ".join(recipe.paths) or dict(recipe.options).get("node", "?")
                 raise ModelLoadError(f"could not load {kind.value} {alias} from {source}: {error}") from error
             if comfy_models.is_empty(value):

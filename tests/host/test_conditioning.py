@@ -94,6 +94,29 @@ def test_a_patched_encoder_is_always_encoded_anew(comfy_host, make_service, user
     assert (report["ram_entries"], report["misses"]) == (1, 1), "only the unpatched encoder was cached"
 
 
+def test_plain_object_patches_are_keyed_and_others_mean_encoding_anew(comfy_host, make_service, user_dir):
+    """ComfyUI 0.38 gives every CLIP an object patch (``manual_cast_dtype`` = float32): a patch whose
+    value is plain (a dtype, a number, a string) is part of the encoder's identity, so the cache
+    stays on; one whose value is an object cannot be keyed, so that encoder is encoded anew."""
+    service = make_service()
+    plain = memkit_clip(service)
+    model = plain.cond_stage_model
+    keyed = plain.clone()
+    keyed.patcher.add_object_patch("clip_name", model.clip_name)  # a plain value (and the same: same output)
+    assert_same(encode(keyed), reference(comfy_host, keyed))
+    assert_same(encode(keyed), reference(comfy_host, keyed))
+    report = service.conditioning.report()
+    assert (report["misses"], report["ram_hits"]) == (1, 1)
+    encode(plain)
+    assert service.conditioning.report()["misses"] == 2, "the patch is part of the identity"
+    unkeyed = plain.clone()
+    unkeyed.patcher.add_object_patch("dtypes", model.dtypes)  # an object (a set)
+    assert_same(encode(unkeyed), reference(comfy_host, unkeyed))
+    encode(unkeyed)
+    report = service.conditioning.report()
+    assert (report["misses"], report["ram_entries"]) == (2, 2), "never cached (nor counted as a miss)"
+
+
 def test_an_encoder_from_comfyuis_own_loader_is_cached_in_ram_only(comfy_host, make_service, user_dir):
     service = make_service()
     clip = comfy_host.nodes.CLIPLoader().load_clip(CLIP_L, "stable_diffusion")[0]

@@ -130,3 +130,38 @@ def test_every_shipped_node_registers_on_this_comfyui(comfy_host):
         "MemKitCheckpointSelector", "MemKitTextEncoderSelector", "MemKitDiffusionModelSelector", "MemKitVAESelector",
         "MemKitCacheInfo", "MemKitCacheStatus", "MemKitPreload", "MemKitTiledVAEDecode", "MemKitTextEncode",
         "MemKitTextEncodeByName", "MemKitCachedNode", "MemKitReleaseEvicted"}
+
+
+class InterruptedLoader:
+    """A loader node that meets ComfyUI's /interrupt while it loads."""
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "load"
+    CATEGORY = "memkit/tests"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
+        return {"required": {}}
+
+    def load(self):
+        import comfy.model_management as mm
+
+        mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+
+def test_an_interrupt_during_a_load_is_an_interrupt_not_a_failed_load(comfy_host, make_service, monkeypatch):
+    """Before ComfyUI 0.20 InterruptProcessingException is an Exception: the load's error handling
+    must still let it through (no failure recorded, no stale copy served, the preload stops)."""
+    import comfy.model_management as mm
+
+    from comfyui_memkit.model_cache.config import node_load_options
+
+    monkeypatch.setitem(comfy_host.nodes.NODE_CLASS_MAPPINGS, "MemKitTestInterruptedLoader", InterruptedLoader)
+    service = make_service()
+    options = node_load_options("MemKitTestInterruptedLoader", {})
+    with pytest.raises(mm.InterruptProcessingException):
+        service.request(ModelKind.NODE, [], options, executing_thread=True)
+    assert service.cache.snapshot().entries == []
+    assert service.cache.loading() == []
+    assert not mm.processing_interrupted(), "consumed, as ComfyUI's own check does"
