@@ -88,7 +88,7 @@ def main() -> None:
             MemKitTextEncodeByName.execute(**{**by_name_inputs, "text": text})
         result["conditioning_bytes"] = service.conditioning.report()["disk_bytes"]
     else:
-        from comfyui_memkit.nodes.comfy_runtime import prompt_token
+        from comfyui_memkit.model_cache.comfy_models import prompt_token
 
         prompt_token()  # looks up ComfyUI's server module once (a running ComfyUI has it imported already)
         service = reset_service(PreloadConfig(path=None))

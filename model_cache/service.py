@@ -3,18 +3,21 @@
 Nodes and routes reach everything through ``get_service()``. Loading goes through ``request``;
 which thread may do what is decided here (see ``model_cache.preload`` for the thread rule):
 callers on ComfyUI's executing thread say so, and only they place models on a device or honour
-ComfyUI's interrupt.
+ComfyUI's interrupt. The nodes' entry points (``checkout``, ``checkout_alias``, ``fingerprint``,
+``encode_by_name``) run there and do a node's whole turn: they read the running prompt from
+ComfyUI, free what is due, then hand out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,38 +188,59 @@ class MemKitService:
             except Exception as error:  # a listener never breaks a load
                 log.debug("[memkit] a status listener failed: %s", error)
 
-    def checkout(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
-                 use_token: object = None) -> tuple[Any, ...]:
-        """What a loader node returns (executing thread): clones of the cached parts."""
-        outcome = self.request(kind, names, options, use_token=use_token, executing_thread=True)
+    # --- what the nodes call (ComfyUI's executing thread) ---------------------------------
+
+    @contextlib.contextmanager
+    def _node_turn(self) -> Iterator[object]:
+        """Around a node handing out a model or a conditioning: first let go of what was evicted
+        from other threads and release under ComfyUI's RAM pressure (never what this prompt uses),
+        so the memory is free before anything loads; yields the prompt's token (its uses of an
+        entry count once); the node's progress bar fills when it has its value."""
+        token = comfy_models.prompt_token()
+        self.release_evicted()
+        self.relieve_ram_pressure(comfy_models.ram_headroom_gb(), token)
+        bar = comfy_models.progress_bar(1)
+        yield token
+        bar.update(1)
+
+    def checkout(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> tuple[Any, ...]:
+        """What a loader node returns: clones of the cached parts (loaded on a miss)."""
+        with self._node_turn() as token:
+            return self._clones(kind, names, options, token)
+
+    def _clones(self, kind: ModelKind, names: list[str], options: dict[str, str] | None,
+                token: object) -> tuple[Any, ...]:
+        outcome = self.request(kind, names, options, use_token=token, executing_thread=True)
         return comfy_models.clone(outcome.value)
 
-    def checkout_alias(self, kind: ModelKind, alias: str, *, use_token: object = None) -> tuple[Any, ...]:
+    def checkout_alias(self, kind: ModelKind, alias: str) -> tuple[Any, ...]:
         """What a selector returns for a cache key; loads a known entry that is not cached (yet)."""
-        known = self.aliases.lookup(kind, alias)
-        outcome = self.request(kind, list(known.names), dict(known.options), alias=alias, pinned=known.pinned,
-                               use_token=use_token, executing_thread=True)
-        return comfy_models.clone(outcome.value)
+        with self._node_turn() as token:
+            known = self.aliases.lookup(kind, alias)
+            outcome = self.request(kind, list(known.names), dict(known.options), alias=alias, pinned=known.pinned,
+                                   use_token=token, executing_thread=True)
+            return comfy_models.clone(outcome.value)
 
-    def fingerprint(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
-                    use_token: object = None) -> str:
+    def fingerprint(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> str:
         """The recipe key (it changes when a file changes on disk, so ComfyUI re-runs the loader).
 
         ComfyUI asks for it once per prompt even when its own output cache answers the node, so
-        this is also where a prompt's use of the entry is counted for the LRU.
+        this is also where a prompt's use of the entry is counted for the LRU, and where models
+        evicted from other threads are let go of when the node itself does not run.
         """
+        self.release_evicted()
         try:
             key = self.recipe(kind, names, options or {}).key
         except (ModelNotFoundError, NodeLoadError, OSError) as error:
             return f"missing:{error}"
-        self.cache.touch(key, use_token)
+        self.cache.touch(key, comfy_models.prompt_token())
         return key
 
-    def alias_fingerprint(self, kind: ModelKind, alias: str, *, use_token: object = None) -> str:
+    def alias_fingerprint(self, kind: ModelKind, alias: str) -> str:
         known = self.aliases.known(kind).get(alias)
         if known is None:
             return f"unknown:{alias}"
-        return self.fingerprint(kind, list(known.names), dict(known.options), use_token=use_token)
+        return self.fingerprint(kind, list(known.names), dict(known.options))
 
     # --- conditioning ---------------------------------------------------------------------
 
@@ -243,8 +267,7 @@ class MemKitService:
         identity = json.dumps(["by-name", recipe.portable_key, device, dtype, comfy_models.comfy_version()])
         return conditioning_key(identity, text), device
 
-    def encode_by_name(self, names: list[str], options: dict[str, str], text: str, *,
-                       use_token: object = None) -> Conditioning:
+    def encode_by_name(self, names: list[str], options: dict[str, str], text: str) -> Conditioning:
         """CLIPTextEncode's output for the text encoder these files make, without loading the
         encoder when the conditioning is cached (RAM or disk). Executing thread: a miss loads the
         encoder through the cache (and caches it), then encodes.
@@ -252,15 +275,16 @@ class MemKitService:
         The key is the encoder's recipe (files and their identity on disk, type, device option),
         the device and dtype ComfyUI would load it with, ComfyUI's version and the exact text.
         """
-        key, device = self.by_name_key(names, options, text)
-        found = self.conditioning.get(key, disk=True)
-        if found is not None:
-            return found
-        clip = self.checkout(ModelKind.TEXT_ENCODER, names, options, use_token=use_token)[0]
-        encoded = comfy_models.encode_text(clip, text)
-        # on disk only when the encoder really is where it was predicted to be (else: RAM, this run)
-        self.conditioning.put(key, encoded, disk=comfy_models.clip_load_device(clip) == device)
-        return encoded
+        with self._node_turn() as token:
+            key, device = self.by_name_key(names, options, text)
+            found = self.conditioning.get(key, disk=True)
+            if found is not None:
+                return found
+            clip = self._clones(ModelKind.TEXT_ENCODER, names, options, token)[0]
+            encoded = comfy_models.encode_text(clip, text)
+            # on disk only when the encoder really is where it was predicted to be (else: RAM, this run)
+            self.conditioning.put(key, encoded, disk=comfy_models.clip_load_device(clip) == device)
+            return encoded
 
     # --- memory ---------------------------------------------------------------------------
 

@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
-import comfy.utils
 from comfy_api.latest import io
 
 from ..model_cache import comfy_models
 from ..model_cache.recipe import ModelKind
-from ..model_cache.service import MemKitService, get_service
-from .comfy_runtime import prompt_token, ram_headroom_gb
+from ..model_cache.service import get_service
 
 log = logging.getLogger("memkit")
 
 CATEGORY = "memkit/loaders"
 NONE = comfy_models.NONE_NAME
-
-
-def hand_out(take: Callable[[MemKitService, object], tuple]) -> tuple:
-    """A loader's or selector's body on the executing thread: honour ComfyUI's RAM pressure, take
-    clones from the cache (counted as this prompt's use), show progress."""
-    service, token = get_service(), prompt_token()
-    service.release_evicted()
-    service.relieve_ram_pressure(ram_headroom_gb(), token)
-    bar = comfy.utils.ProgressBar(1)
-    parts = take(service, token)
-    bar.update(1)
-    return parts
-
-
-def checkout(kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> tuple:
-    return hand_out(lambda service, token: service.checkout(kind, names, options, use_token=token))
-
-
 LINKED = "linked-input"
 
 
@@ -43,9 +22,7 @@ def fingerprint(kind: ModelKind, names: list[str], options: dict[str, str] | Non
     files are not known yet, so no entry is touched (ComfyUI keys on the upstream node instead)."""
     if any(n is None for n in names) or any(v is None for v in (options or {}).values()):
         return LINKED
-    service = get_service()
-    service.release_evicted()
-    return service.fingerprint(kind, names, options, use_token=prompt_token())
+    return get_service().fingerprint(kind, names, options)
 
 
 class MemKitCheckpointLoader(io.ComfyNode):
@@ -70,7 +47,7 @@ class MemKitCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
-        return io.NodeOutput(*checkout(ModelKind.CHECKPOINT, [ckpt_name]))
+        return io.NodeOutput(*get_service().checkout(ModelKind.CHECKPOINT, [ckpt_name]))
 
 
 def text_encoder_inputs() -> list[io.Input]:
@@ -119,8 +96,8 @@ class MemKitTextEncoderLoader(io.ComfyNode):
     @classmethod
     def execute(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
                 device: str = "default") -> io.NodeOutput:
-        return io.NodeOutput(*checkout(ModelKind.TEXT_ENCODER, *text_encoder_request(clip_name1, clip_name2,
-                                                                                     clip_name3, type, device)))
+        return io.NodeOutput(*get_service().checkout(ModelKind.TEXT_ENCODER, *text_encoder_request(
+            clip_name1, clip_name2, clip_name3, type, device)))
 
 
 class MemKitDiffusionModelLoader(io.ComfyNode):
@@ -154,7 +131,7 @@ class MemKitDiffusionModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str, attention_mode: str = "default") -> io.NodeOutput:
-        model, = checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
+        model, = get_service().checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
         apply_attention(model, attention_mode)
         return io.NodeOutput(model)
 
@@ -193,7 +170,7 @@ class MemKitVAELoader(io.ComfyNode):
         if comfy_models.resolve(ModelKind.VAE, vae_name) is None:
             # taesd/pixel_space are assembled from several files by ComfyUI; not worth caching.
             return io.NodeOutput(*comfy_models.call_node("VAELoader", vae_name=vae_name)[:1])
-        return io.NodeOutput(*checkout(ModelKind.VAE, [vae_name]))
+        return io.NodeOutput(*get_service().checkout(ModelKind.VAE, [vae_name]))
 
 
 NODES = [MemKitCheckpointLoader, MemKitTextEncoderLoader, MemKitDiffusionModelLoader, MemKitVAELoader]

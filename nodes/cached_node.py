@@ -16,8 +16,6 @@ from comfy_api.latest import io
 from ..model_cache.config import node_load_options
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
-from .cached_loaders import hand_out
-from .comfy_runtime import prompt_token
 
 OUTPUTS = 4
 NO_ENTRIES = "(no node entries)"
@@ -77,16 +75,17 @@ class MemKitCachedNode(io.ComfyNode):
             return f"invalid:{error}"
         service = get_service()
         if alias is not None:
-            return service.alias_fingerprint(ModelKind.NODE, alias, use_token=prompt_token())
-        return service.fingerprint(ModelKind.NODE, [], options, use_token=prompt_token())
+            return service.alias_fingerprint(ModelKind.NODE, alias)
+        return service.fingerprint(ModelKind.NODE, [], options)
 
     @classmethod
     def execute(cls, cache_key: str, node_id: str = "", inputs_json: str = "{}") -> io.NodeOutput:
         alias, options = _request(cache_key, node_id, inputs_json)
+        service = get_service()
         if alias is not None:
-            parts = hand_out(lambda service, token: service.checkout_alias(ModelKind.NODE, alias, use_token=token))
+            parts = service.checkout_alias(ModelKind.NODE, alias)
         else:
-            parts = hand_out(lambda service, token: service.checkout(ModelKind.NODE, [], options, use_token=token))
+            parts = service.checkout(ModelKind.NODE, [], options)
         if len(parts) > OUTPUTS:
             raise ValueError(f"MemKitCachedNode: {alias or node_id} returns {len(parts)} outputs; this node has "
                              f"{OUTPUTS}")

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
-from .cached_loaders import NONE, hand_out, text_encoder_inputs, text_encoder_request
+from .cached_loaders import NONE, text_encoder_inputs, text_encoder_request
 
 
 class MemKitTextEncode(io.ComfyNode):
@@ -68,8 +68,7 @@ class MemKitTextEncodeByName(io.ComfyNode):
     def execute(cls, clip_name1: str, type: str, text: str, clip_name2: str = NONE, clip_name3: str = NONE,
                 device: str = "default") -> io.NodeOutput:
         names, options = text_encoder_request(clip_name1, clip_name2, clip_name3, type, device)
-        encoded, = hand_out(lambda service, token: (service.encode_by_name(names, options, text, use_token=token),))
-        return io.NodeOutput(encoded)
+        return io.NodeOutput(get_service().encode_by_name(names, options, text))
 
 
 NODES = [MemKitTextEncode, MemKitTextEncodeByName]

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import uuid
 from types import ModuleType
 
 from comfy_api.latest import ComfyExtension, io
 
 from ..model_cache import comfy_models
-from ..model_cache.aliases import entry_alias
 from ..model_cache.bounded import cut
-from ..model_cache.recipe import ModelKind
-from ..model_cache.service import MemKitService, get_service
+from ..model_cache.service import get_service
 
 log = logging.getLogger("memkit")
 
@@ -66,37 +63,6 @@ def _attach_to_server() -> None:
                   type(error).__name__, error)
 
 
-def start_preload(service: MemKitService) -> None:
-    """Preload as configured, then the warm-up workflow if there is one.
-
-    ``blocking`` loads here, before ComfyUI starts its prompt worker (so nothing runs beside it)
-    and returns when done; ``background`` reads files on a thread and queues the build on
-    ComfyUI's queue. GPU placement and the warm-up always run on the executing thread, as prompts.
-    """
-    from .preload_queue import queue_preload
-
-    settings, warmup = service.config.settings, service.config.warmup_prompt
-    entries = service.config.enabled_entries() if settings.preload_mode != "off" else []
-    if not entries and warmup is None:
-        return
-    run_id = uuid.uuid4().hex
-    if settings.preload_mode == "background" and entries:
-        service.preload.begin([entry_alias(e) for e in entries], "reading", run_id=run_id, warmup=warmup is not None)
-        queue_preload(service, entries, run_id, read_files=True, warmup=warmup)
-        return
-    service.preload.begin([entry_alias(e) for e in entries], "loading", run_id=run_id, warmup=warmup is not None)
-    # Other loader nodes run arbitrary code (and may come from packs ComfyUI loads after this one):
-    # they are always built on the executing thread, by the queued prompt.
-    core = [e for e in entries if e.kind is not ModelKind.NODE]
-    failures = service.preload_entries(core, executing_thread=False)
-    to_place = [e for e in core if entry_alias(e) not in failures] if settings.auto_gpu_load else []
-    to_queue = to_place + [e for e in entries if e.kind is ModelKind.NODE]
-    if to_queue or warmup is not None:
-        queue_preload(service, to_queue, run_id, read_files=False, warmup=warmup)  # on the executing thread
-    else:
-        service.preload.finish(run_id)
-
-
 class MemKitExtension(ComfyExtension):
     def __init__(self) -> None:
         _attach_to_server()
@@ -106,6 +72,8 @@ class MemKitExtension(ComfyExtension):
             log.exception("[memkit] the MemKit service could not start: %s", error)
             return
         try:
+            from .preload_queue import start_preload  # imported here: if it cannot be, only the preload is out
+
             start_preload(service)
         except Exception as error:  # the nodes still register; status shows the problem
             log.exception("[memkit] start-up preload could not start: %s", error)

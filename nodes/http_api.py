@@ -25,7 +25,8 @@ from ..model_cache.config import check_model_name
 from ..model_cache.service import MemKitService, get_service
 from ..model_cache.status import build_status, readiness
 from . import route_guard, status_push
-from .preload_queue import queue_release, start_background_preload
+from .preload_queue import start_background_preload
+from .release_queue import queue_release
 
 log = logging.getLogger("memkit.http")
 

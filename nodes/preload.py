@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 
 from ..model_cache.bounded import cut
 from ..model_cache.service import get_service
-from .preload_queue import release_started
+from .release_queue import release_started
 
 
 def parse_keys(text: str) -> list[str] | None:

@@ -6,8 +6,6 @@ from comfy_api.latest import io
 
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
-from .cached_loaders import hand_out
-from .comfy_runtime import prompt_token
 
 CATEGORY = "memkit/preloaded"
 NO_ENTRIES = "(no preloaded entries)"
@@ -35,12 +33,11 @@ def _selector(kind: ModelKind, node_id: str, display: str, outputs: list[io.Outp
 
         @classmethod
         def fingerprint_inputs(cls, cache_key: str) -> str:
-            return get_service().alias_fingerprint(kind, cache_key, use_token=prompt_token())
+            return get_service().alias_fingerprint(kind, cache_key)
 
         @classmethod
         def execute(cls, cache_key: str) -> io.NodeOutput:
-            return io.NodeOutput(*hand_out(lambda service, token: service.checkout_alias(kind, cache_key,
-                                                                                        use_token=token)))
+            return io.NodeOutput(*get_service().checkout_alias(kind, cache_key))
 
     Selector.__name__ = Selector.__qualname__ = node_id
     return Selector

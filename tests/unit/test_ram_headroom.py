@@ -2,7 +2,7 @@
 
 import pytest
 
-from comfyui_memkit.nodes.comfy_runtime import headroom_from_args
+from comfyui_memkit.model_cache.comfy_models import headroom_from_args
 
 
 @pytest.mark.parametrize(("cache_ram", "default", "total", "expected"), [
