@@ -2,10 +2,11 @@
 
 One job per module, plain Python unless named: ``cache`` (the store, its budget and eviction
 policy), ``recipe`` (what a load is keyed on: files and their identity on disk, options),
-``config`` (preload_config.json, validated), ``aliases`` (cache keys), ``node_inputs`` (a loader
-node's inputs checked against its schema), ``preload`` (the preload lifecycle and page-cache
-reads), ``conditioning`` (cached text-encoder outputs, in RAM and on disk), ``bounded`` (bounded
-echoes of untrusted input) and ``status`` (the one report the routes, panel and Cache Info read).
-``comfy_models`` holds every call into ComfyUI, and ``service`` ties them together for the nodes
-and routes.
+``config`` (preload_config.json, validated), ``cache_keys`` (the names users see, and which
+ones a selector offers), ``node_inputs`` (a loader node's inputs checked against its schema),
+``preload`` (the preload lifecycle and page-cache reads), ``conditioning`` (cached text-encoder
+outputs, in RAM and on disk), ``bounded`` (bounded echoes of untrusted input) and ``status`` (the
+one report the routes, panel and Cache Info read). ``comfy_models`` holds every call into ComfyUI
+(and reads the running prompt and ComfyUI's RAM headroom), and ``service`` ties them together:
+its entry points do a node's whole turn, so a node's ``execute`` is one call.
 """

@@ -68,7 +68,7 @@ class Footprint:
 @dataclass
 class CacheEntry:
     recipe: LoadRecipe
-    alias: str
+    cache_key: str
     value: Any
     footprint: Footprint
     pinned: bool
@@ -91,7 +91,7 @@ class RetiredEntry:
     """An evicted entry whose value something else still holds (status: memory not yet freed)."""
 
     recipe: LoadRecipe
-    alias: str
+    cache_key: str
     footprint: Footprint
     ref: weakref.ref
 
@@ -114,7 +114,7 @@ class CacheSnapshot:
     while loads and evictions run. Entries are copies, so later hits or pins do not change them."""
 
     entries: list[CacheEntry]
-    loading: list[tuple[str, int]]  # (alias, requests waiting for it)
+    loading: list[tuple[str, int]]  # (cache_key, requests waiting for it)
     releasing: list[CacheEntry]
     retired: list[RetiredEntry]
     reserved_bytes: int
@@ -138,8 +138,8 @@ class CacheSnapshot:
 class _Flight:
     """One load in progress; the requests that arrive meanwhile wait on it."""
 
-    def __init__(self, alias: str, reserved: int) -> None:
-        self.alias = alias
+    def __init__(self, cache_key: str, reserved: int) -> None:
+        self.cache_key = cache_key
         self.reserved = reserved
         self.waiters = 0
         self.done = threading.Event()
@@ -171,7 +171,7 @@ class ModelCache:
 
     # --- requests -------------------------------------------------------------------------
 
-    def get_or_load(self, recipe: LoadRecipe, load: Callable[[], Any], *, alias: str | None = None,
+    def get_or_load(self, recipe: LoadRecipe, load: Callable[[], Any], *, cache_key: str | None = None,
                     pinned: bool = False, use_token: object = None,
                     interrupted: Callable[[], bool] | None = None) -> LoadOutcome:
         """Return the cached value for ``recipe``, loading it once if no one has yet.
@@ -179,57 +179,57 @@ class ModelCache:
         ``interrupted`` is polled while waiting for another thread's load; when it answers true
         the wait ends with ``LoadWaitInterruptedError`` and the load itself is left to finish.
         """
-        alias = alias or recipe.key
+        cache_key = cache_key or recipe.key
         with self._lock:
             seq = next(self._seq)
-            entry = self._entries.get(recipe.key) or self._readopt(recipe.key, alias, pinned, seq)
+            entry = self._entries.get(recipe.key) or self._readopt(recipe.key, cache_key, pinned, seq)
             if entry is not None:
                 self._hit(entry, pinned, use_token)
                 return LoadOutcome(entry.value, entry, hit=True)
             flight = self._flights.get(recipe.key)
             owner = flight is None
             if owner:
-                flight = self._flights[recipe.key] = _Flight(alias, self._reserve(recipe))
+                flight = self._flights[recipe.key] = _Flight(cache_key, self._reserve(recipe))
             else:
                 flight.waiters += 1
         if not owner:
             return self._wait_for(flight, pinned, use_token, interrupted)
-        return self._load(recipe, load, alias, pinned, flight, seq, use_token)
+        return self._load(recipe, load, cache_key, pinned, flight, seq, use_token)
 
     def _wait_for(self, flight: _Flight, pinned: bool, use_token: object,
                   interrupted: Callable[[], bool] | None) -> LoadOutcome:
         while not flight.done.wait(self._wait_poll):
             if interrupted is not None and interrupted():
-                raise LoadWaitInterruptedError(f"stopped waiting for {flight.alias}, which another thread is loading; "
-                                          "that load goes on and will be cached")
+                raise LoadWaitInterruptedError(f"stopped waiting for {flight.cache_key}, which another thread is "
+                                               "loading; that load goes on and will be cached")
         if flight.error is not None:
-            raise CacheLoadError(f"loading {flight.alias} failed: {flight.error}") from flight.error
+            raise CacheLoadError(f"loading {flight.cache_key} failed: {flight.error}") from flight.error
         with self._lock:
             self._hit(flight.entry, pinned, use_token)
         return LoadOutcome(flight.entry.value, flight.entry, hit=True)
 
-    def _load(self, recipe: LoadRecipe, load: Callable[[], Any], alias: str, pinned: bool,
+    def _load(self, recipe: LoadRecipe, load: Callable[[], Any], cache_key: str, pinned: bool,
               flight: _Flight, seq: int, use_token: object) -> LoadOutcome:
         try:
             with self._lock:
                 evictions = self.evictions
                 self._make_room(keep=recipe.key)
-                self._refuse_if_over(alias, self._committed_ram(), "would take")
+                self._refuse_if_over(cache_key, self._committed_ram(), "would take")
             if self.evictions != evictions and self._reclaim is not None:
                 self._reclaim()  # give the evicted models' memory back before the load needs it
             started = time.perf_counter()
             value = load()
             seconds = time.perf_counter() - started
             footprint = self._measure(value)
-            entry = CacheEntry(recipe, alias, value, footprint, pinned, seconds, seq, uses=1,
+            entry = CacheEntry(recipe, cache_key, value, footprint, pinned, seconds, seq, uses=1,
                                last_use_token=use_token)
             with self._lock:
                 del self._flights[recipe.key]
                 if self._newer_version_cached(recipe, seq):
-                    log.info("%s changed on disk while it loaded; the newer copy stays cached", alias)
+                    log.info("%s changed on disk while it loaded; the newer copy stays cached", cache_key)
                 else:
                     self._make_room(keep=recipe.key, extra=footprint.ram)
-                    self._refuse_if_over(alias, self._committed_ram() + footprint.ram, "took")
+                    self._refuse_if_over(cache_key, self._committed_ram() + footprint.ram, "took")
                     self._drop_stale(recipe)
                     self._entries[recipe.key] = entry
                     self._retired.pop(recipe.key, None)
@@ -242,7 +242,7 @@ class ModelCache:
             raise
         finally:
             flight.done.set()  # waiters wake up whatever happened
-        log.info("cached %s (%.1f MB RAM, %.1f MB VRAM) in %.2f s", alias, footprint.ram / 2**20,
+        log.info("cached %s (%.1f MB RAM, %.1f MB VRAM) in %.2f s", cache_key, footprint.ram / 2**20,
                  footprint.vram / 2**20, seconds)
         return LoadOutcome(value, entry, hit=False)
 
@@ -259,7 +259,7 @@ class ModelCache:
             found = self.find(name)
             for entry in found:
                 entry.pinned = entry.pinned_by_user = pinned
-            return [entry.alias for entry in found]
+            return [entry.cache_key for entry in found]
 
     def _use(self, entry: CacheEntry, use_token: object) -> None:
         entry.last_used = time.monotonic()
@@ -279,7 +279,7 @@ class ModelCache:
             self._use(entry, use_token)
             return True
 
-    def _readopt(self, key: str, alias: str, pinned: bool, seq: int) -> CacheEntry | None:
+    def _readopt(self, key: str, cache_key: str, pinned: bool, seq: int) -> CacheEntry | None:
         """An evicted value still at hand (waiting for release, or alive elsewhere) comes back."""
         entry = self._releasing.pop(key, None)
         if entry is None:
@@ -287,10 +287,10 @@ class ModelCache:
             value = retired.ref() if retired is not None else None
             if value is None:
                 return None
-            entry = CacheEntry(retired.recipe, alias, value, self._measure(value), pinned, 0.0, seq)
+            entry = CacheEntry(retired.recipe, cache_key, value, self._measure(value), pinned, 0.0, seq)
         self._entries[key] = entry
         self.readoptions += 1
-        log.info("re-adopted %s: evicted earlier but still held, so not loaded again", alias)
+        log.info("re-adopted %s: evicted earlier but still held, so not loaded again", cache_key)
         self._make_room(keep=key)
         return entry
 
@@ -304,7 +304,7 @@ class ModelCache:
         """A changed file makes a new recipe with the same lineage: the old entry is stale."""
         for key, entry in list(self._entries.items()):
             if entry.recipe.lineage == recipe.lineage and key != recipe.key:
-                log.info("%s changed on disk; dropping the stale copy", entry.alias)
+                log.info("%s changed on disk; dropping the stale copy", entry.cache_key)
                 self._remove(key, retire=False)
 
     def remeasure(self) -> None:
@@ -329,11 +329,11 @@ class ModelCache:
             log.debug("estimating %s failed: %s", recipe.key, error)
             return recipe.file_bytes
 
-    def _refuse_if_over(self, alias: str, committed: int, verb: str) -> None:
+    def _refuse_if_over(self, cache_key: str, committed: int, verb: str) -> None:
         if self.refuse_over_budget and self.budget_bytes is not None and committed > self.budget_bytes:
             pinned = sum(e.footprint.ram for e in self._entries.values() if e.pinned)
             raise BudgetExceededError(
-                f"loading {alias} {verb} the MemKit cache to {committed / 2**30:.2f} GB of RAM, over its budget "
+                f"loading {cache_key} {verb} the MemKit cache to {committed / 2**30:.2f} GB of RAM, over its budget "
                 f"(settings.ram_budget_gb = {self.budget_bytes / 2**30:.2f} GB; pinned entries hold "
                 f"{pinned / 2**30:.2f} GB); refused because settings.refuse_over_budget is on: unpin or evict "
                 "entries, or raise the budget")
@@ -350,7 +350,7 @@ class ModelCache:
         while self._committed_ram() + extra > self.budget_bytes and candidates:
             victim = candidates.pop(0)
             log.info("evicting %s (%.1f MB) to stay within the %.1f GB budget",
-                     victim.alias, victim.footprint.ram / 2**20, self.budget_bytes / 2**30)
+                     victim.cache_key, victim.footprint.ram / 2**20, self.budget_bytes / 2**30)
             self._remove(victim.key)
             self.evictions += 1
         if self._committed_ram() + extra > self.budget_bytes and not self.refuse_over_budget:
@@ -370,7 +370,7 @@ class ModelCache:
 
     def _retire(self, entry: CacheEntry) -> None:
         with contextlib.suppress(TypeError):  # a value that cannot be weakly referenced is just dropped
-            self._retired[entry.key] = RetiredEntry(entry.recipe, entry.alias, entry.footprint,
+            self._retired[entry.key] = RetiredEntry(entry.recipe, entry.cache_key, entry.footprint,
                                                     weakref.ref(entry.value))
 
     def _evict(self, victims: list[CacheEntry], defer: bool) -> list[str]:
@@ -380,10 +380,10 @@ class ModelCache:
             else:
                 self._remove(entry.key)
         self.evictions += len(victims)
-        return [e.alias for e in victims]
+        return [e.cache_key for e in victims]
 
     def evict(self, name: str, defer: bool = False) -> list[str]:
-        """Drop the entries whose alias, key or file name is ``name``; returns their aliases."""
+        """Drop the entries whose cache key, key or file name is ``name``; returns their cache keys."""
         with self._lock:
             return self._evict(self.find(name), defer)
 
@@ -392,21 +392,23 @@ class ModelCache:
             return self._evict([e for e in self._entries.values() if include_pinned or not e.pinned], defer)
 
     def release_deferred(self) -> list[str]:
-        """Let go of entries evicted with ``defer`` (call on ComfyUI's executing thread)."""
+        """Let go of entries evicted with ``defer`` (call on ComfyUI's executing thread): "release"
+        always means dropping the last reference, on that thread; "evict" taking an entry out."""
         with self._lock:
             released = list(self._releasing.values())
             self._releasing.clear()
             for entry in released:
                 self._retire(entry)
-        aliases = [e.alias for e in released]
+        cache_keys = [e.cache_key for e in released]
         del released  # the last references, dropped here, on the caller's thread
-        return aliases
+        return cache_keys
 
-    def release_unpinned(self, enough: Callable[[], bool], keep: Callable[[CacheEntry], bool] = lambda e: False,
-                         ) -> list[str]:
-        """Evict unpinned entries (not ``keep``), least recently used first, asking ``enough()`` after
-        each one. The caller has already found that memory is short."""
-        released = []
+    def evict_unpinned(self, enough: Callable[[], bool], keep: Callable[[CacheEntry], bool] = lambda e: False,
+                       ) -> list[str]:
+        """Evict unpinned entries (not ``keep``) now, least recently used first, asking ``enough()``
+        after each one (executing thread: the last reference goes here). The caller has already found
+        that memory is short. Returns their cache keys."""
+        evicted = []
         with self._lock:
             candidates = sorted((e for e in self._entries.values() if not e.pinned and not keep(e)),
                                 key=lambda e: e.last_used)
@@ -416,11 +418,11 @@ class ModelCache:
                 if self._entries.get(entry.key) is entry:
                     self._remove(entry.key)
                     self.evictions += 1
-                    released.append(entry.alias)
+                    evicted.append(entry.cache_key)
             del entry
             if enough():
                 break
-        return released
+        return evicted
 
     # --- inspection -----------------------------------------------------------------------
 
@@ -442,16 +444,16 @@ class ModelCache:
                 return 0
             return max(0, sum(e.footprint.ram for e in self._entries.values()) - self.budget_bytes)
 
-    def serve_stale(self, recipe: LoadRecipe | None, reason: str, *, alias: str | None = None, pinned: bool = False,
+    def serve_stale(self, recipe: LoadRecipe | None, reason: str, *, cache_key: str | None = None, pinned: bool = False,
                     use_token: object = None) -> LoadOutcome | None:
         """The copy of an earlier version of ``recipe``'s files (same lineage), when loading the
-        current version failed, or the copy cached under ``alias`` when its file is gone: it is
+        current version failed, or the copy cached under ``cache_key`` when its file is gone: it is
         marked stale with ``reason`` and handed out (a file being rewritten or removed must not
         take a served model away). None when there is no such copy."""
         with self._lock:
             def earlier(e: CacheEntry) -> bool:
                 if recipe is None:
-                    return e.alias == alias
+                    return e.cache_key == cache_key
                 return e.recipe.lineage == recipe.lineage and e.key != recipe.key
 
             older = [e for e in self._entries.values() if earlier(e)]
@@ -488,9 +490,9 @@ class ModelCache:
             return list(self._retired.values())
 
     def loading(self) -> list[tuple[str, int]]:
-        """Loads in flight: (alias, number of requests waiting for it)."""
+        """Loads in flight: (cache key, number of requests waiting for it)."""
         with self._lock:
-            return [(f.alias, f.waiters) for f in self._flights.values()]
+            return [(f.cache_key, f.waiters) for f in self._flights.values()]
 
     def releasing(self) -> list[CacheEntry]:
         """Evicted entries held until the executing thread releases them."""
@@ -498,9 +500,9 @@ class ModelCache:
             return list(self._releasing.values())
 
     def find(self, name: str) -> list[CacheEntry]:
-        """Entries named ``name`` by alias, key, or the file name of one of their files."""
+        """Entries named ``name`` by cache key, key, or the file name of one of their files."""
         with self._lock:
-            exact = [e for e in self._entries.values() if name in (e.alias, e.key)]
+            exact = [e for e in self._entries.values() if name in (e.cache_key, e.key)]
             if exact:
                 return exact
             return [e for e in self._entries.values()

@@ -581,7 +581,17 @@ def _prompt_server_class() -> Any:
 
 
 def prompt_token() -> Any:
-    """The id of the prompt ComfyUI is executing (counts one use per prompt), or None."""
+    """The id of the prompt ComfyUI is executing (counts one use per prompt), or None: from the
+    node's execution context where ComfyUI sets one (around a node's function), else the server's
+    ``last_prompt_id`` (a fingerprint runs outside that context)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        context = get_executing_context()
+    except ImportError:  # older ComfyUI
+        context = None
+    if context is not None and getattr(context, "prompt_id", None):
+        return context.prompt_id
     return getattr(getattr(_prompt_server_class(), "instance", None), "last_prompt_id", None)
 
 

@@ -3,7 +3,7 @@
 Nodes and routes reach everything through ``get_service()``. Loading goes through ``request``;
 which thread may do what is decided here (see ``model_cache.preload`` for the thread rule):
 callers on ComfyUI's executing thread say so, and only they place models on a device or honour
-ComfyUI's interrupt. The nodes' entry points (``checkout``, ``checkout_alias``, ``fingerprint``,
+ComfyUI's interrupt. The nodes' entry points (``checkout``, ``checkout_by_cache_key``, ``fingerprint``,
 ``encode_by_name``) run there and do a node's whole turn: they read the running prompt from
 ComfyUI, free what is due, then hand out.
 """
@@ -24,9 +24,9 @@ from typing import Any
 import psutil
 
 from . import comfy_models
-from .aliases import AliasRegistry, entry_alias
 from .bounded import cut, listed
 from .cache import CacheLoadError, LoadOutcome, LoadWaitInterruptedError, ModelCache
+from .cache_keys import CacheKeyRegistry, entry_cache_key
 from .conditioning import Conditioning, ConditioningCache, conditioning_key
 from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config, node_load_options
 from .node_inputs import NodeInputsError, check_node_inputs
@@ -86,7 +86,7 @@ class MemKitService:
                                 estimate=comfy_models.load_peak_ram, refuse_over_budget=settings.refuse_over_budget,
                                 reclaim=reclaim_memory)
         self.identities = FileIdentityReader(hash_contents=settings.hash_contents)
-        self.aliases = AliasRegistry(config.enabled_entries())
+        self.cache_keys = CacheKeyRegistry(config.enabled_entries())
         self.listeners: list[Callable[[], None]] = []  # told when the cache changes (the page's live status)
         expected = bool(config.warmup_prompt) or (settings.preload_mode != "off" and bool(config.enabled_entries()))
         self.preload = PreloadState(mode=settings.preload_mode, expected=expected, on_change=self.changed)
@@ -123,7 +123,7 @@ class MemKitService:
                                 node_load_options(node_id, inputs), self.identities)
 
     def request(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
-                alias: str | None = None, pinned: bool = False, use_token: object = None,
+                cache_key: str | None = None, pinned: bool = False, use_token: object = None,
                 executing_thread: bool = False) -> LoadOutcome:
         """The cached value for these files and options, loading it through ComfyUI on a miss.
 
@@ -131,14 +131,16 @@ class MemKitService:
         thread's load honours /interrupt and ``auto_gpu_load`` may place a new model.
         """
         options = options or {}
-        alias = alias or self.aliases.alias_for(kind, names, options)
+        cache_key = cache_key or self.cache_keys.cache_key_for(kind, names, options)
         try:
             recipe = self.recipe(kind, names, options)
         except (ModelNotFoundError, OSError) as gone:  # its file was removed (or cannot be read) meanwhile
-            older = self.cache.serve_stale(None, cut(str(gone), 500), alias=alias, pinned=pinned, use_token=use_token)
+            older = self.cache.serve_stale(None, cut(str(gone), 500), cache_key=cache_key, pinned=pinned,
+                                           use_token=use_token)
             if older is None:
                 raise
-            log.warning("[memkit] %s: %s; serving the copy already loaded (status: stale)", alias, cut(str(gone), 500))
+            log.warning("[memkit] %s: %s; serving the copy already loaded (status: stale)", cache_key,
+                        cut(str(gone), 500))
             self.changed()
             return older
 
@@ -149,14 +151,14 @@ class MemKitService:
                 if comfy_models.is_interrupt(error):  # an Exception before ComfyUI 0.20: not a failed load
                     raise
                 source = ", ".join(recipe.paths) or dict(recipe.options).get("node", "?")
-                raise ModelLoadError(f"could not load {kind.value} {alias} from {source}: {error}") from error
+                raise ModelLoadError(f"could not load {kind.value} {cache_key} from {source}: {error}") from error
             if comfy_models.is_empty(value):
-                raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths) or alias}")
+                raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths) or cache_key}")
             value.key = recipe.portable_key  # what its conditionings are keyed on, on disk too
             return value
 
         try:
-            outcome = self.cache.get_or_load(recipe, load, alias=alias, pinned=pinned, use_token=use_token,
+            outcome = self.cache.get_or_load(recipe, load, cache_key=cache_key, pinned=pinned, use_token=use_token,
                                              interrupted=comfy_models.interrupted if executing_thread else None)
         except LoadWaitInterruptedError as stopped:
             log.warning("[memkit] interrupted: %s", stopped)
@@ -168,15 +170,15 @@ class MemKitService:
             if older is None:
                 raise
             log.warning("[memkit] %s: %s; serving the copy loaded before the file changed (status: stale)",
-                        alias, cut(str(failed), 500))
+                        cache_key, cut(str(failed), 500))
             self.changed()
             return older
-        self.aliases.remember(kind, alias, names, options)
-        self.preload.clear_failure(alias)  # a successful load clears a failure, wherever it happened
+        self.cache_keys.remember(kind, cache_key, names, options)
+        self.preload.clear_failure(cache_key)  # a successful load clears a failure, wherever it happened
         if executing_thread and not outcome.hit and self.config.settings.auto_gpu_load:
             comfy_models.place_on_device(outcome.value)
         if self.config.settings.verbose:
-            log.info("[memkit] %s %s", "hit" if outcome.hit else "loaded", alias)
+            log.info("[memkit] %s %s", "hit" if outcome.hit else "loaded", cache_key)
         self.changed()
         return outcome
 
@@ -213,12 +215,12 @@ class MemKitService:
         outcome = self.request(kind, names, options, use_token=token, executing_thread=True)
         return comfy_models.clone(outcome.value)
 
-    def checkout_alias(self, kind: ModelKind, alias: str) -> tuple[Any, ...]:
+    def checkout_by_cache_key(self, kind: ModelKind, cache_key: str) -> tuple[Any, ...]:
         """What a selector returns for a cache key; loads a known entry that is not cached (yet)."""
         with self._node_turn() as token:
-            known = self.aliases.lookup(kind, alias)
-            outcome = self.request(kind, list(known.names), dict(known.options), alias=alias, pinned=known.pinned,
-                                   use_token=token, executing_thread=True)
+            known = self.cache_keys.lookup(kind, cache_key)
+            outcome = self.request(kind, list(known.names), dict(known.options), cache_key=cache_key,
+                                   pinned=known.pinned, use_token=token, executing_thread=True)
             return comfy_models.clone(outcome.value)
 
     def fingerprint(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> str:
@@ -236,10 +238,10 @@ class MemKitService:
         self.cache.touch(key, comfy_models.prompt_token())
         return key
 
-    def alias_fingerprint(self, kind: ModelKind, alias: str) -> str:
-        known = self.aliases.known(kind).get(alias)
+    def cache_key_fingerprint(self, kind: ModelKind, cache_key: str) -> str:
+        known = self.cache_keys.known(kind).get(cache_key)
         if known is None:
-            return f"unknown:{alias}"
+            return f"unknown:{cache_key}"
         return self.fingerprint(kind, list(known.names), dict(known.options))
 
     # --- conditioning ---------------------------------------------------------------------
@@ -333,7 +335,7 @@ class MemKitService:
         gc.collect()
         if available_gb() > headroom_gb:
             return []
-        released = self.cache.release_unpinned(
+        released = self.cache.evict_unpinned(
             enough, keep=lambda e: use_token is not None and e.last_use_token == use_token)
         if released:
             log.info("[memkit] RAM below ComfyUI's %.1f GB headroom: released %s", headroom_gb, ", ".join(released))
@@ -342,18 +344,18 @@ class MemKitService:
 
     # --- preloading -----------------------------------------------------------------------
 
-    def entries_for(self, aliases: list[str] | None) -> list[PreloadEntry]:
+    def entries_for(self, cache_keys: list[str] | None) -> list[PreloadEntry]:
         """Enabled config entries by cache key (all of them for None; repeats count once); unknown
         keys are a ValueError naming them (bounded)."""
         entries = self.config.enabled_entries()
-        if aliases is None:
+        if cache_keys is None:
             return entries
-        by_alias = {entry_alias(e): e for e in entries}
-        wanted = list(dict.fromkeys(aliases))
-        unknown = [a for a in wanted if a not in by_alias]
+        by_cache_key = {entry_cache_key(e): e for e in entries}
+        wanted = list(dict.fromkeys(cache_keys))
+        unknown = [a for a in wanted if a not in by_cache_key]
         if unknown:
-            raise ValueError(f"unknown cache key(s) {listed(unknown)}; configured: {listed(by_alias) or 'none'}")
-        return [by_alias[a] for a in wanted]
+            raise ValueError(f"unknown cache key(s) {listed(unknown)}; configured: {listed(by_cache_key) or 'none'}")
+        return [by_cache_key[a] for a in wanted]
 
     def preload_entries(self, entries: list[PreloadEntry], *, executing_thread: bool,
                         on_entry: Callable[[str, str | None], None] | None = None) -> dict[str, str]:
@@ -367,10 +369,10 @@ class MemKitService:
         for entry in entries:
             if executing_thread:
                 comfy_models.raise_if_interrupted()  # /interrupt stops a long preload between entries
-            alias = entry_alias(entry)
+            cache_key = entry_cache_key(entry)
             error = None
             try:
-                outcome = self.request(entry.kind, entry.file_names(), entry.load_options(), alias=alias,
+                outcome = self.request(entry.kind, entry.file_names(), entry.load_options(), cache_key=cache_key,
                                        pinned=entry.pinned, executing_thread=executing_thread)
                 if executing_thread and outcome.hit and self.config.settings.auto_gpu_load:
                     comfy_models.place_on_device(outcome.value)  # a miss was placed by request()
@@ -378,11 +380,11 @@ class MemKitService:
                 if comfy_models.is_interrupt(failure):
                     raise
                 error = cut(str(failure), 1000)
-                failures[alias] = error
-                log.error("[memkit] %s: preloading %s failed: %s", self.config.path, alias, error)
-            self.preload.entry_done(alias, error)  # before anything else can raise (the bar: /interrupt)
+                failures[cache_key] = error
+                log.error("[memkit] %s: preloading %s failed: %s", self.config.path, cache_key, error)
+            self.preload.entry_done(cache_key, error)  # before anything else can raise (the bar: /interrupt)
             if on_entry is not None:
-                on_entry(alias, error)
+                on_entry(cache_key, error)
         return failures
 
 

@@ -21,9 +21,9 @@ import time
 from typing import Any
 
 from . import comfy_models
-from .aliases import entry_alias
 from .bounded import cut
 from .cache import CacheEntry, CacheSnapshot, Footprint
+from .cache_keys import entry_cache_key
 from .recipe import LoadRecipe
 from .service import MemKitService
 
@@ -32,15 +32,15 @@ log = logging.getLogger("memkit")
 STEP_CACHE_RUNS = 8  # runs listed in /memkit/status (each a small dict; the registry keeps a few more)
 
 
-def _describe(alias: str, recipe: LoadRecipe, footprint: Footprint, state: str) -> dict[str, Any]:
-    return {"cache_key": alias, "kind": recipe.kind.value, "key": recipe.key, "files": list(recipe.paths),
+def _describe(cache_key: str, recipe: LoadRecipe, footprint: Footprint, state: str) -> dict[str, Any]:
+    return {"cache_key": cache_key, "kind": recipe.kind.value, "key": recipe.key, "files": list(recipe.paths),
             "ram_bytes": footprint.ram, "mapped_bytes": footprint.mapped, "vram_bytes": footprint.vram,
             "state": state}
 
 
 def _cached_row(entry: CacheEntry, failure: str | None, over_budget: int) -> dict[str, Any]:
     reason = entry.stale or failure
-    row = {**_describe(entry.alias, entry.recipe, entry.footprint, "stale" if reason else "ready"),
+    row = {**_describe(entry.cache_key, entry.recipe, entry.footprint, "stale" if reason else "ready"),
            "options": dict(entry.recipe.options), "device": comfy_models.devices(entry.value), "hits": entry.hits,
            "uses": entry.uses, "load_seconds": round(entry.load_seconds, 3), "pinned": entry.pinned,
            "shared": comfy_models.shared_parts(entry.value)}
@@ -59,20 +59,21 @@ def status_rows(service: MemKitService, snapshot: CacheSnapshot | None = None) -
     over = snapshot.over_budget_bytes
     rows: dict[str, dict[str, Any]] = {}
     for entry in sorted(snapshot.entries, key=lambda e: e.seq):
-        row = _cached_row(entry, failures.get(entry.alias), over)
-        if entry.alias in rows:  # two versions under one key (a file changed while it loaded): one row
-            row["copies"] = rows[entry.alias].get("copies", 1) + 1
+        row = _cached_row(entry, failures.get(entry.cache_key), over)
+        if entry.cache_key in rows:  # two versions under one key (a file changed while it loaded): one row
+            row["copies"] = rows[entry.cache_key].get("copies", 1) + 1
             for field in ("ram_bytes", "mapped_bytes", "vram_bytes"):
-                row[field] += rows[entry.alias][field]
-        rows[entry.alias] = row
-    for alias, waiting in snapshot.loading:
-        rows.setdefault(alias, {"cache_key": alias, "state": "loading", "waiting": waiting})
+                row[field] += rows[entry.cache_key][field]
+        rows[entry.cache_key] = row
+    for cache_key, waiting in snapshot.loading:
+        rows.setdefault(cache_key, {"cache_key": cache_key, "state": "loading", "waiting": waiting})
     for entry in snapshot.releasing:
-        rows.setdefault(entry.alias, _describe(entry.alias, entry.recipe, entry.footprint, "releasing"))
+        rows.setdefault(entry.cache_key, _describe(entry.cache_key, entry.recipe, entry.footprint, "releasing"))
     for retired in snapshot.retired:
-        rows.setdefault(retired.alias, _describe(retired.alias, retired.recipe, retired.footprint, "evicted-held"))
-    for alias, error in failures.items():
-        rows.setdefault(alias, {"cache_key": alias, "state": "failed", "error": error})
+        rows.setdefault(retired.cache_key,
+                        _describe(retired.cache_key, retired.recipe, retired.footprint, "evicted-held"))
+    for cache_key, error in failures.items():
+        rows.setdefault(cache_key, {"cache_key": cache_key, "state": "failed", "error": error})
     return list(rows.values())
 
 
@@ -82,7 +83,7 @@ def readiness(service: MemKitService, snapshot: CacheSnapshot | None = None) -> 
     or the run went wrong as a whole."""
     state = service.preload.snapshot()
     entries = (snapshot or service.cache.snapshot()).entries
-    stale = sorted(e.alias for e in entries if e.stale)
+    stale = sorted(e.cache_key for e in entries if e.stale)
     name = "degraded" if state.state == "ready" and stale else state.state
     return {"ready": state.ready, "state": name, "mode": state.mode, "phase": state.phase, "done": state.done,
             "total": state.total, "failed": sorted(state.failures), "stale": stale,
@@ -112,7 +113,7 @@ def step_cache_status() -> dict[str, Any]:
 
 def configured_entries(service: MemKitService) -> list[dict[str, Any]]:
     """The enabled config entries, in config order: what the panel can preload one by one."""
-    return [{"cache_key": entry_alias(e), "kind": e.kind.value, "files": e.file_names(), "pinned": e.pinned,
+    return [{"cache_key": entry_cache_key(e), "kind": e.kind.value, "files": e.file_names(), "pinned": e.pinned,
              "description": e.description} for e in service.config.enabled_entries()]
 
 

@@ -104,12 +104,12 @@ class MemKitCacheStatus(io.ComfyNode):
         service = get_service()
         found = service.cache.find(name.strip())
         if found:
-            detail = "\n".join(f"{e.alias}: {'stale (' + e.stale + '), ' if e.stale else ''}{e.recipe.kind.value}, "
+            detail = "\n".join(f"{e.cache_key}: {'stale (' + e.stale + '), ' if e.stale else ''}{e.recipe.kind.value}, "
                                f"{e.footprint.ram / 2**20:.1f} MB RAM, "
                                f"{e.footprint.vram / 2**20:.1f} MB VRAM on {comfy_models.devices(e.value)}, "
                                f"{e.hits} hits, {e.uses} uses, loaded in {e.load_seconds:.2f} s, "
                                f"{'pinned' if e.pinned else 'unpinned'}" for e in found)
-        elif name.strip() in (alias for alias, _ in service.cache.loading()):
+        elif name.strip() in (cache_key for cache_key, _ in service.cache.loading()):
             detail = f"{name}: loading"
         elif name.strip() in (failures := service.preload.snapshot().failures):
             detail = f"{name}: failed: {failures[name.strip()]}"

@@ -22,7 +22,7 @@ NO_ENTRIES = "(no node entries)"
 
 
 def _keys() -> list[str]:
-    return list(get_service().aliases.known(ModelKind.NODE)) or [NO_ENTRIES]
+    return list(get_service().cache_keys.known(ModelKind.NODE)) or [NO_ENTRIES]
 
 
 def _request(cache_key: str, node_id: str, inputs_json: str) -> tuple[str | None, dict[str, str] | None]:
@@ -70,24 +70,24 @@ class MemKitCachedNode(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, cache_key: str, node_id: str = "", inputs_json: str = "{}") -> str:
         try:
-            alias, options = _request(cache_key, node_id, inputs_json)
+            named, options = _request(cache_key, node_id, inputs_json)
         except ValueError as error:
             return f"invalid:{error}"
         service = get_service()
-        if alias is not None:
-            return service.alias_fingerprint(ModelKind.NODE, alias)
+        if named is not None:
+            return service.cache_key_fingerprint(ModelKind.NODE, named)
         return service.fingerprint(ModelKind.NODE, [], options)
 
     @classmethod
     def execute(cls, cache_key: str, node_id: str = "", inputs_json: str = "{}") -> io.NodeOutput:
-        alias, options = _request(cache_key, node_id, inputs_json)
+        named, options = _request(cache_key, node_id, inputs_json)
         service = get_service()
-        if alias is not None:
-            parts = service.checkout_alias(ModelKind.NODE, alias)
+        if named is not None:
+            parts = service.checkout_by_cache_key(ModelKind.NODE, named)
         else:
             parts = service.checkout(ModelKind.NODE, [], options)
         if len(parts) > OUTPUTS:
-            raise ValueError(f"MemKitCachedNode: {alias or node_id} returns {len(parts)} outputs; this node has "
+            raise ValueError(f"MemKitCachedNode: {named or node_id} returns {len(parts)} outputs; this node has "
                              f"{OUTPUTS}")
         return io.NodeOutput(*parts, *([None] * (OUTPUTS - len(parts))))
 

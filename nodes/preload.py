@@ -77,7 +77,7 @@ class MemKitPreload(io.ComfyNode):
         finally:
             if run_id:
                 service.preload.finish(run_id, reason)
-        lines = [f"{alias}: failed: {error}" for alias, error in failures.items()]
+        lines = [f"{cache_key}: failed: {error}" for cache_key, error in failures.items()]
         summary = f"{len(entries) - len(failures)} of {len(entries)} entries loaded" + "".join(f"\n{x}" for x in lines)
         return io.NodeOutput(summary, ui=ui.PreviewText(summary))
 

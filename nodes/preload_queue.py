@@ -14,8 +14,8 @@ import threading
 import uuid
 from typing import Any
 
-from ..model_cache.aliases import entry_alias
 from ..model_cache.bounded import cut
+from ..model_cache.cache_keys import entry_cache_key
 from ..model_cache.config import PreloadEntry
 from ..model_cache.preload import warm_page_cache
 from ..model_cache.recipe import ModelKind
@@ -40,15 +40,16 @@ def start_preload(service: MemKitService) -> None:
         return
     run_id = uuid.uuid4().hex
     if settings.preload_mode == "background" and entries:
-        service.preload.begin([entry_alias(e) for e in entries], "reading", run_id=run_id, warmup=warmup is not None)
+        service.preload.begin([entry_cache_key(e) for e in entries], "reading", run_id=run_id,
+                              warmup=warmup is not None)
         queue_preload(service, entries, run_id, read_files=True, warmup=warmup)
         return
-    service.preload.begin([entry_alias(e) for e in entries], "loading", run_id=run_id, warmup=warmup is not None)
+    service.preload.begin([entry_cache_key(e) for e in entries], "loading", run_id=run_id, warmup=warmup is not None)
     # Other loader nodes run arbitrary code (and may come from packs ComfyUI loads after this one):
     # they are always built on the executing thread, by the queued prompt.
     core = [e for e in entries if e.kind is not ModelKind.NODE]
     failures = service.preload_entries(core, executing_thread=False)
-    to_place = [e for e in core if entry_alias(e) not in failures] if settings.auto_gpu_load else []
+    to_place = [e for e in core if entry_cache_key(e) not in failures] if settings.auto_gpu_load else []
     to_queue = to_place + [e for e in entries if e.kind is ModelKind.NODE]
     if to_queue or warmup is not None:
         queue_preload(service, to_queue, run_id, read_files=False, warmup=warmup)  # on the executing thread
@@ -64,7 +65,7 @@ def preload_prompt(run_id: str) -> dict[str, Any]:
 def start_background_preload(service: MemKitService, entries: list[PreloadEntry]) -> bool:
     """Read the entries' files on a thread, then queue their build; False if a preload runs already."""
     run_id = uuid.uuid4().hex
-    if not service.preload.begin([entry_alias(e) for e in entries], "reading", run_id=run_id):
+    if not service.preload.begin([entry_cache_key(e) for e in entries], "reading", run_id=run_id):
         return False
     queue_preload(service, entries, run_id, read_files=True)
     return True
@@ -80,13 +81,13 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
     what it did not report as failed, with the reason.
     """
     def run() -> None:
-        keys = [entry_alias(e) for e in entries]
+        keys = [entry_cache_key(e) for e in entries]
         if read_files:
             for entry in entries:
                 try:
                     warm_page_cache(service.recipe(entry.kind, entry.file_names(), entry.load_options()).paths)
                 except Exception as error:  # the build reports it, naming the entry
-                    log.debug("[memkit] reading %s ahead failed: %s", entry_alias(entry), error)
+                    log.debug("[memkit] reading %s ahead failed: %s", entry_cache_key(entry), error)
         if keys:
             service.preload.queue(run_id, keys)
             service.preload.set_phase("queued", run_id)

@@ -12,7 +12,7 @@ NO_ENTRIES = "(no preloaded entries)"
 
 
 def _keys(kind: ModelKind) -> list[str]:
-    return list(get_service().aliases.known(kind)) or [NO_ENTRIES]
+    return list(get_service().cache_keys.known(kind)) or [NO_ENTRIES]
 
 
 def _selector(kind: ModelKind, node_id: str, display: str, outputs: list[io.Output]) -> type[io.ComfyNode]:
@@ -33,11 +33,11 @@ def _selector(kind: ModelKind, node_id: str, display: str, outputs: list[io.Outp
 
         @classmethod
         def fingerprint_inputs(cls, cache_key: str) -> str:
-            return get_service().alias_fingerprint(kind, cache_key)
+            return get_service().cache_key_fingerprint(kind, cache_key)
 
         @classmethod
         def execute(cls, cache_key: str) -> io.NodeOutput:
-            return io.NodeOutput(*get_service().checkout_alias(kind, cache_key))
+            return io.NodeOutput(*get_service().checkout_by_cache_key(kind, cache_key))
 
     Selector.__name__ = Selector.__qualname__ = node_id
     return Selector

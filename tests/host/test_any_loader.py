@@ -51,7 +51,7 @@ def test_clip_vision_is_cached_cloned_and_encodes_like_the_core_loader(comfy_hos
     theirs, = core(extra_nodes, "CLIPVisionLoader", clip_name=CLIP_VISION)
     assert service.cache.loads == 1
     (entry,) = service.cache.entries()
-    assert entry.alias == f"node:CLIPVisionLoader(clip_name={CLIP_VISION})"
+    assert entry.cache_key == f"node:CLIPVisionLoader(clip_name={CLIP_VISION})"
     assert entry.hits == 1, "the second request is a hit"
     assert ours is not again, "each request gets its own copy"
     assert ours.patcher is not again.patcher
@@ -135,7 +135,7 @@ def test_a_bad_node_entry_fails_alone_naming_the_field_and_the_cache_stays_consi
     service = make_service([bad, good])
     failures = service.preload_entries([bad, good], executing_thread=True)
     assert failures == {"bad": expected}
-    assert [e.alias for e in service.cache.entries()] == ["up"]
+    assert [e.cache_key for e in service.cache.entries()] == ["up"]
     assert service.cache.loading() == []
     assert cached(service, "UpscaleModelLoader", model_name=UPSCALER)[0] is not None
 

@@ -46,7 +46,7 @@ def test_vae_loader_is_a_drop_in_for_vaeloader_and_hits_the_second_time(comfy_ho
     assert service.cache.loads == 1
     (entry,) = service.cache.entries()
     assert entry.hits == 1
-    assert entry.alias == f"vae:{SD_VAE}"
+    assert entry.cache_key == f"vae:{SD_VAE}"
     assert again.patcher is not ours.patcher, "each request gets its own patcher"
     assert again.first_stage_model is ours.first_stage_model, "but shares the cached weights"
     assert entry.footprint.ram > 50 * 2**20
@@ -100,7 +100,7 @@ def test_dual_text_encoders_match_dualcliploader(comfy_host, make_service):
     assert ours_cond.shape[-1] == 2048
     assert torch.equal(ours_cond, theirs_cond)
     assert torch.equal(ours_pooled, theirs_pooled)
-    assert service.cache.entries()[0].alias == f"text_encoder:{CLIP_L}+{CLIP_G}[type=sdxl]"
+    assert service.cache.entries()[0].cache_key == f"text_encoder:{CLIP_L}+{CLIP_G}[type=sdxl]"
 
 
 def test_alternating_two_checkpoints_never_reloads(comfy_host, make_service):
@@ -123,7 +123,7 @@ def test_budget_evicts_the_least_recently_used_model(comfy_host, make_service):
     a, b = "memkit-wan-tiny-a.safetensors", "memkit-wan-tiny-b.safetensors"
     service.checkout(ModelKind.CHECKPOINT, [a])
     service.checkout(ModelKind.CHECKPOINT, [b])
-    assert [e.alias for e in service.cache.entries()] == [f"checkpoint:{b}"]
+    assert [e.cache_key for e in service.cache.entries()] == [f"checkpoint:{b}"]
     assert service.cache.evictions == 1
     service.checkout(ModelKind.CHECKPOINT, [a])
     assert service.cache.loads == 3
@@ -180,7 +180,7 @@ def test_a_corrupt_file_gives_a_clear_error_and_leaves_the_cache_consistent(comf
     assert service.cache.entries() == []
     assert service.cache.loading() == []
     loaders.MemKitVAELoader.execute(SD_VAE)
-    assert [e.alias for e in service.cache.entries()] == [f"vae:{SD_VAE}"]
+    assert [e.cache_key for e in service.cache.entries()] == [f"vae:{SD_VAE}"]
 
 
 def test_a_failed_load_is_not_offered_by_the_selectors(comfy_host, make_service, scratch_models):
@@ -191,7 +191,7 @@ def test_a_failed_load_is_not_offered_by_the_selectors(comfy_host, make_service,
     with pytest.raises(ModelLoadError):
         service.checkout(ModelKind.VAE, ["memkit-broken.safetensors"])
     service.checkout(ModelKind.VAE, [SD_VAE])
-    assert list(service.aliases.known(ModelKind.VAE)) == [f"vae:{SD_VAE}"]
+    assert list(service.cache_keys.known(ModelKind.VAE)) == [f"vae:{SD_VAE}"]
 
 
 def test_a_missing_name_names_the_folder(comfy_host, make_service):

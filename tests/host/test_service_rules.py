@@ -26,7 +26,7 @@ def test_a_prompt_waiting_for_another_threads_load_honours_comfyui_interrupt(com
 
         return comfy_models.load(ModelKind.VAE, [SD_VAE], {})
 
-    owner = threading.Thread(target=lambda: service.cache.get_or_load(recipe, slow_real_load, alias="vae:sd"))
+    owner = threading.Thread(target=lambda: service.cache.get_or_load(recipe, slow_real_load, cache_key="vae:sd"))
     owner.start()
     assert started.wait(30)
     mm.interrupt_current_processing(True)  # what POST /interrupt does
@@ -49,7 +49,7 @@ def test_a_wait_off_the_executing_thread_ignores_a_prompt_interrupt(comfy_host, 
 
     service = make_service()
     recipe = service.recipe(ModelKind.VAE, [SD_VAE], {})
-    alias = f"vae:{SD_VAE}"
+    cache_key = f"vae:{SD_VAE}"
     started, release = threading.Event(), threading.Event()
 
     def slow_real_load():
@@ -57,7 +57,7 @@ def test_a_wait_off_the_executing_thread_ignores_a_prompt_interrupt(comfy_host, 
         assert release.wait(30)
         return comfy_models.load(ModelKind.VAE, [SD_VAE], {})
 
-    owner = threading.Thread(target=lambda: service.cache.get_or_load(recipe, slow_real_load, alias=alias))
+    owner = threading.Thread(target=lambda: service.cache.get_or_load(recipe, slow_real_load, cache_key=cache_key))
     owner.start()
     assert started.wait(30)
     mm.interrupt_current_processing(True)
@@ -72,7 +72,7 @@ def test_a_wait_off_the_executing_thread_ignores_a_prompt_interrupt(comfy_host, 
     waiter = threading.Thread(target=wait_off_thread)
     waiter.start()
     try:
-        while service.cache.loading() != [(alias, 1)]:  # the waiter is inside the wait, interrupt pending
+        while service.cache.loading() != [(cache_key, 1)]:  # the waiter is inside the wait, interrupt pending
             assert waiter.is_alive(), errors
     finally:
         release.set()

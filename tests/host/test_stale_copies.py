@@ -21,7 +21,7 @@ def test_truncated_then_removed_then_restored(make_service, comfy_host, scratch_
     service = make_service()
     names = ["memkit-scratch-vae.safetensors"]
     first = service.request(ModelKind.VAE, names, {})
-    key = first.entry.alias
+    key = first.entry.cache_key
     assert row(service, key)["state"] == "ready"
     assert readiness(service)["state"] == "ready"
 

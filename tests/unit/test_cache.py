@@ -21,7 +21,7 @@ class NamedCache(ModelCache):
     """Names entries ``checkpoint:<file>`` as the service does, so the assertions read well."""
 
     def get_or_load(self, recipe, load, **kwargs):
-        kwargs.setdefault("alias", f"{recipe.kind.value}:{recipe.paths[0].rsplit('/', 1)[-1]}")
+        kwargs.setdefault("cache_key", f"{recipe.kind.value}:{recipe.paths[0].rsplit('/', 1)[-1]}")
         return super().get_or_load(recipe, load, **kwargs)
 
 
@@ -113,10 +113,10 @@ def test_lru_unpinned_entries_are_evicted_to_fit_the_budget():
     cache.get_or_load(recipe("b", size=100), lambda: Payload(100))
     cache.get_or_load(recipe("a", size=100), lambda: Payload(100))  # a is now the most recent
     cache.get_or_load(recipe("c", size=100), lambda: Payload(100))
-    aliases = {e.alias for e in cache.entries()}
-    assert "checkpoint:a" in aliases
-    assert "checkpoint:c" in aliases
-    assert "checkpoint:b" not in aliases
+    cache_keys = {e.cache_key for e in cache.entries()}
+    assert "checkpoint:a" in cache_keys
+    assert "checkpoint:c" in cache_keys
+    assert "checkpoint:b" not in cache_keys
     assert cache.evictions == 1
     assert cache.used_bytes <= 250
 
@@ -126,29 +126,29 @@ def test_pinned_entries_are_never_evicted_by_the_budget():
     cache.get_or_load(recipe("pinned", size=100), lambda: Payload(100), pinned=True)
     cache.get_or_load(recipe("b", size=100), lambda: Payload(100))
     cache.get_or_load(recipe("c", size=100), lambda: Payload(100))
-    aliases = {e.alias for e in cache.entries()}
-    assert aliases == {"checkpoint:pinned", "checkpoint:c"}
+    cache_keys = {e.cache_key for e in cache.entries()}
+    assert cache_keys == {"checkpoint:pinned", "checkpoint:c"}
 
 
 def test_budget_uses_measured_bytes_not_file_size():
     cache = make_cache(budget=300)
     cache.get_or_load(recipe("a", size=10), lambda: Payload(200))  # fp16 file loaded as fp32
     cache.get_or_load(recipe("b", size=10), lambda: Payload(200))
-    assert [e.alias for e in cache.entries()] == ["checkpoint:b"]
+    assert [e.cache_key for e in cache.entries()] == ["checkpoint:b"]
 
 
 def test_a_changed_file_replaces_its_stale_entry():
     cache = make_cache()
-    cache.get_or_load(recipe("a", mtime=1), lambda: Payload(1), alias="mine")
-    reloaded = cache.get_or_load(recipe("a", mtime=2), lambda: Payload(2), alias="mine")
+    cache.get_or_load(recipe("a", mtime=1), lambda: Payload(1), cache_key="mine")
+    reloaded = cache.get_or_load(recipe("a", mtime=2), lambda: Payload(2), cache_key="mine")
     assert not reloaded.hit
     assert [e.value.nbytes for e in cache.entries()] == [2]
     assert cache.loads == 2
 
 
-def test_evict_by_alias_key_or_file_name_and_clear_keeps_pinned():
+def test_evict_by_cache_key_key_or_file_name_and_clear_keeps_pinned():
     cache = make_cache()
-    a = cache.get_or_load(recipe("a.safetensors"), lambda: Payload(1), alias="alpha").entry
+    a = cache.get_or_load(recipe("a.safetensors"), lambda: Payload(1), cache_key="alpha").entry
     cache.get_or_load(recipe("b.safetensors"), lambda: Payload(1))
     cache.get_or_load(recipe("c.safetensors"), lambda: Payload(1))
     cache.get_or_load(recipe("p.safetensors"), lambda: Payload(1), pinned=True)
@@ -157,7 +157,7 @@ def test_evict_by_alias_key_or_file_name_and_clear_keeps_pinned():
     assert cache.evict("b.safetensors") == ["checkpoint:b.safetensors"]
     assert cache.evict("nothing") == []
     assert cache.clear() == ["checkpoint:c.safetensors"]
-    assert [e.alias for e in cache.entries()] == ["checkpoint:p.safetensors"]
+    assert [e.cache_key for e in cache.entries()] == ["checkpoint:p.safetensors"]
     assert cache.clear(include_pinned=True) == ["checkpoint:p.safetensors"]
     assert cache.used_bytes == 0
 
@@ -177,5 +177,5 @@ def test_a_users_unpin_sticks_when_a_config_entry_asks_for_it_again():
     cache.get_or_load(recipe("a"), lambda: Payload(100), pinned=True)  # e.g. its selector, or a preload
     assert cache.entries()[0].pinned is False
     cache.get_or_load(recipe("b"), lambda: Payload(100))
-    assert [e.alias for e in cache.entries()] == ["checkpoint:b"], "unpinned: evicted under the budget"
+    assert [e.cache_key for e in cache.entries()] == ["checkpoint:b"], "unpinned: evicted under the budget"
     assert cache.set_pinned("nothing", True) == []

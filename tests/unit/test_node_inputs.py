@@ -2,7 +2,7 @@
 
 import pytest
 
-from comfyui_memkit.model_cache.aliases import default_alias, entry_alias
+from comfyui_memkit.model_cache.cache_keys import default_cache_key, entry_cache_key
 from comfyui_memkit.model_cache.config import HostChoices, NodeEntry, parse_config
 from comfyui_memkit.model_cache.node_inputs import NodeInputsError, canonical_inputs, check_node_inputs
 from comfyui_memkit.model_cache.recipe import ModelKind
@@ -82,9 +82,9 @@ def test_a_nodes_section_in_the_config():
     assert [e.kind for e in config.entries] == [ModelKind.NODE, ModelKind.NODE]
     first, second = config.entries
     assert isinstance(first, NodeEntry)
-    assert entry_alias(first) == "cv"
+    assert entry_cache_key(first) == "cv"
     assert first.pinned
-    assert entry_alias(second) == "node:UpscaleModelLoader(model_name=4x.pth)"
+    assert entry_cache_key(second) == "node:UpscaleModelLoader(model_name=4x.pth)"
     assert not second.pinned
     assert first.load_options() == {"node": "CLIPVisionLoader", "inputs": '{"clip_name":"clip_vision_h.safetensors"}'}
     assert [p.split(": ", 2)[1] for p in config.problems] == ["models.nodes[2]", "models.nodes[3]", "models.nodes[4]"]
@@ -95,4 +95,4 @@ def test_a_nodes_section_in_the_config():
 
 def test_the_default_name_of_a_node_load():
     options = {"node": "AudioEncoderLoader", "inputs": canonical_inputs({"audio_encoder_name": "w.safetensors"})}
-    assert default_alias(ModelKind.NODE, [], options) == "node:AudioEncoderLoader(audio_encoder_name=w.safetensors)"
+    assert default_cache_key(ModelKind.NODE, [], options) == "node:AudioEncoderLoader(audio_encoder_name=w.safetensors)"

@@ -1,6 +1,6 @@
 """Cache keys: the readable names that selectors offer and status shows.
 
-One function names an entry (``default_alias``) and one registry remembers what a selector may
+One function names an entry (``default_cache_key``) and one registry remembers what a selector may
 offer: the enabled config entries, then the models loaded successfully since start-up. A load
 that failed is not offered (it would fail again); the registry is read by ``/object_info`` and
 the nodes while the preload writes it, hence the lock.
@@ -16,7 +16,7 @@ from .config import PreloadEntry
 from .recipe import ModelKind
 
 
-def default_alias(kind: ModelKind, names: list[str] | tuple[str, ...], options: dict[str, str]) -> str:
+def default_cache_key(kind: ModelKind, names: list[str] | tuple[str, ...], options: dict[str, str]) -> str:
     """``kind:file[+file][opt=value,...]`` with the names as ComfyUI lists them; defaults left out.
     A node load reads ``node:NodeId(input=value,...)``."""
     if kind is ModelKind.NODE:
@@ -26,8 +26,8 @@ def default_alias(kind: ModelKind, names: list[str] | tuple[str, ...], options: 
     return f"{kind.value}:{'+'.join(names)}" + (f"[{','.join(shown)}]" if shown else "")
 
 
-def entry_alias(entry: PreloadEntry) -> str:
-    return entry.cache_key or default_alias(entry.kind, entry.file_names(), entry.load_options())
+def entry_cache_key(entry: PreloadEntry) -> str:
+    return entry.cache_key or default_cache_key(entry.kind, entry.file_names(), entry.load_options())
 
 
 @dataclass(frozen=True)
@@ -43,45 +43,45 @@ class UnknownCacheKeyError(ValueError):
     """A selector was given a cache key that names nothing."""
 
 
-class AliasRegistry:
+class CacheKeyRegistry:
     """The cache keys a selector can offer, per kind; thread-safe."""
 
     def __init__(self, configured: list[PreloadEntry]) -> None:
         self._lock = threading.Lock()
         self._configured: dict[tuple[ModelKind, str], KnownLoad] = {
-            (e.kind, entry_alias(e)): KnownLoad(tuple(e.file_names()), tuple(sorted(e.load_options().items())),
+            (e.kind, entry_cache_key(e)): KnownLoad(tuple(e.file_names()), tuple(sorted(e.load_options().items())),
                                                 e.pinned)
             for e in configured
         }
         self._loaded: dict[tuple[ModelKind, str], KnownLoad] = {}
 
-    def alias_for(self, kind: ModelKind, names: list[str], options: dict[str, str]) -> str:
+    def cache_key_for(self, kind: ModelKind, names: list[str], options: dict[str, str]) -> str:
         """The configured cache key when a config entry describes this load, else a readable name."""
         wanted = (tuple(names), tuple(sorted(options.items())))
-        for (entry_kind, alias), known in self._configured.items():
+        for (entry_kind, cache_key), known in self._configured.items():
             if entry_kind is kind and (known.names, known.options) == wanted:
-                return alias
-        return default_alias(kind, names, options)
+                return cache_key
+        return default_cache_key(kind, names, options)
 
-    def remember(self, kind: ModelKind, alias: str, names: list[str], options: dict[str, str]) -> None:
+    def remember(self, kind: ModelKind, cache_key: str, names: list[str], options: dict[str, str]) -> None:
         """A successful load: offer its key from now on."""
-        if (kind, alias) in self._configured:
+        if (kind, cache_key) in self._configured:
             return
         with self._lock:
-            self._loaded[(kind, alias)] = KnownLoad(tuple(names), tuple(sorted(options.items())), False)
+            self._loaded[(kind, cache_key)] = KnownLoad(tuple(names), tuple(sorted(options.items())), False)
 
     def known(self, kind: ModelKind) -> dict[str, KnownLoad]:
         """Configured keys first (config order), then loaded ones; a snapshot, safe to iterate."""
         with self._lock:
             loaded = dict(self._loaded)
-        known = {alias: k for (entry_kind, alias), k in self._configured.items() if entry_kind is kind}
-        known.update({alias: k for (entry_kind, alias), k in loaded.items() if entry_kind is kind})
+        known = {cache_key: k for (entry_kind, cache_key), k in self._configured.items() if entry_kind is kind}
+        known.update({cache_key: k for (entry_kind, cache_key), k in loaded.items() if entry_kind is kind})
         return known
 
-    def lookup(self, kind: ModelKind, alias: str) -> KnownLoad:
+    def lookup(self, kind: ModelKind, cache_key: str) -> KnownLoad:
         known = self.known(kind)
-        if alias not in known:
+        if cache_key not in known:
             offered = ", ".join(known) or "none (list models in preload_config.json or load one first)"
-            raise UnknownCacheKeyError(f"There is no {kind.value.replace('_', ' ')} with cache key {alias!r}. "
+            raise UnknownCacheKeyError(f"There is no {kind.value.replace('_', ' ')} with cache key {cache_key!r}. "
                                        f"Cache keys that exist: {offered}.")
-        return known[alias]
+        return known[cache_key]
