@@ -415,3 +415,13 @@ def test_template_browser_lists_every_ui_workflow_with_its_thumbnail(page, serve
     assert page.locator("[data-testid^=template-workflow-]").count() == len(UI_WORKFLOWS)
     time.sleep(0.5)
     save_doc_screenshot(page, "templates.png")
+
+
+def test_every_node_has_its_help_page_where_the_pages_node_help_panel_reads_it(server):
+    """The frontend's node help panel fetches /extensions/<package>/docs/<node id>.md (web/docs/)."""
+    ids = [name for name in server.get("/object_info") if name.startswith("MemKit")]
+    assert len(ids) >= 17
+    for node in ids:
+        status, text = server.request("GET", f"/extensions/{PACKAGE_LINK_NAME}/docs/{node}.md")
+        assert status == 200, node
+        assert text == (REPO / "web" / "docs" / f"{node}.md").read_text(encoding="utf-8"), node
