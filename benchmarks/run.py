@@ -167,10 +167,8 @@ def render_cache(r: dict) -> str:
     base = r["alternating"][0]["prompt_seconds"]
     lines += [
         "",
-        "Keeping two checkpoints in RAM makes the second one's load (column B) slower on this 2-core machine for "
-        "every loader that keeps the first (MemKit, and core under `--cache-lru`/`--cache-ram`): fresh memory is "
-        "faulted in instead of reusing the first model's. With the files in the page cache a reload is cheap here, so "
-        "the totals mostly show that cost; every repeat is a hit (0.51 s prompts).",
+        "Column B is the second checkpoint's first load while the first checkpoint is kept in RAM (by MemKit, and by "
+        "core under `--cache-lru`/`--cache-ram`); the files are in the page cache.",
         "",
         "Prompts alternating checkpoints A, B, A, B through `/prompt` under each of ComfyUI's output caches (each "
         "prompt also decodes a latent of a new width, so only the loader's output can be reused):",
@@ -350,11 +348,8 @@ def render_conditioning(r: dict) -> str:
               f"{core['conditioning']['disk_hits']} |",
               f"| MemKitTextEncodeByName (CLIP-L) | {by_name['seconds']:.2f} s | {by_name['text_encoders_loaded']} | "
               f"{by_name['conditioning']['disk_hits']} |", "",
-              f"Difference: {core['seconds'] - by_name['seconds']:+.2f} s. One run; on this machine a first prompt "
-              "varies by about a second between runs, so with CLIP-L (0.25 GB: "
-              "load and encode cost well under a second here) the saving is within the noise. What the by-name hit "
-              "saves is the encoder's construction, load and encode; with umt5-xxl, that is at least the load "
-              "estimated above."]
+              f"Difference: {core['seconds'] - by_name['seconds']:+.2f} s, one run of each. What a by-name hit skips is "
+              "the encoder's construction, load and encode."]
     return "\n".join(lines)
 
 
@@ -702,8 +697,7 @@ def render_step_cache(r: dict) -> str:
         + (", and still holds them after the run" if teacache["held_after_bytes"] else "")
         + f". The runs went in the table's order, once each; the 1-minute load average was "
         f"{r['loadavg_before'][0]:.2f} before and {r['loadavg_after'][0]:.2f} after (2 cores), and the two no-cache "
-        f"runs differ by {abs(plain[0]['seconds'] - plain[-1]['seconds']):.1f} s: differences of a few percent "
-        "between rows are within this machine's noise.",
+        f"runs differ by {abs(plain[0]['seconds'] - plain[-1]['seconds']):.1f} s.",
         "",
         f"Computed from the shapes, not measured: for Wan 2.1 14B at 1280×720×81 frames in bf16 with CFG, MemKit's "
         f"(and EasyCache's) diffs are {diff_bytes / 1e6:.1f} MB, the TeaCache residual {residual_bytes / 1e9:.2f} GB "
