@@ -348,8 +348,8 @@ def render_conditioning(r: dict) -> str:
               f"{core['conditioning']['disk_hits']} |",
               f"| MemKitTextEncodeByName (CLIP-L) | {by_name['seconds']:.2f} s | {by_name['text_encoders_loaded']} | "
               f"{by_name['conditioning']['disk_hits']} |", "",
-              f"Difference: {core['seconds'] - by_name['seconds']:+.2f} s, one run of each. What a by-name hit skips is "
-              "the encoder's construction, load and encode."]
+              f"Difference: {core['seconds'] - by_name['seconds']:+.2f} s, one run of each. What a by-name hit skips "
+              "is the encoder's construction, load and encode."]
     return "\n".join(lines)
 
 
