@@ -2,7 +2,7 @@
 
 Each benchmark writes its own results file (with the machine it ran on), so running one
 benchmark refreshes its section and keeps the others.
-Usage: run.py [cache] [serverless] [conditioning] [vae] [budget] [reliability] [step_cache]
+Usage: run.py [cache] [serverless] [conditioning] [vae] [budget] [reliability] [step_cache] [user]
 """
 
 from __future__ import annotations
@@ -729,10 +729,119 @@ def render_step_cache(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --- as a user sees it: the structure issue's three figures, from one run ---------------------------------
+
+USER_VAE = "memkit-sdxl-vae.safetensors"  # an SD-family KL VAE seeded apart from the SD one the tests use
+
+
+def sampling_prompt(loader: str, seed: int, width: int = 64) -> dict:
+    """Checkpoint, two prompts, a 1-step KSampler at 64 px, decode, preview: a whole small prompt."""
+    node = "MemKitCheckpointLoader" if loader == "memkit" else "CheckpointLoaderSimple"
+    return {"1": {"class_type": node, "inputs": {"ckpt_name": CKPT_A}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": 64, "batch_size": 1}},
+            "5": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": 1, "cfg": 6.0, "sampler_name": "euler",
+                                                       "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
+                                                       "positive": ["2", 0], "negative": ["3", 0],
+                                                       "latent_image": ["4", 0]}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}}
+
+
+def after_warmup(loader: str, prompts: int = 4) -> dict:
+    """A server warmed the way its user would (MemKit: blocking preload + auto_gpu_load + a warm-up
+    workflow; core: one prompt of its own), then ``prompts`` sampling prompts with new seeds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        config = None
+        if loader == "memkit":
+            (base / "warmup.json").write_text(json.dumps(sampling_prompt(loader, 0, 48)))
+            config = base / "preload.json"
+            config.write_text(json.dumps({"settings": {"preload_mode": "blocking", "auto_gpu_load": True,
+                                                       "warmup_workflow": "warmup.json"},
+                                          "models": {"checkpoints": [{"name": CKPT_A}]}}))
+        server = ComfyServer(base, MODELS, config, ["--cache-classic"])
+        server.start()
+        try:
+            server.wait_ready()
+            if loader == "core":
+                timed_prompt(server, sampling_prompt(loader, 0, 48))
+            times = [timed_prompt(server, sampling_prompt(loader, seed)) for seed in range(1, prompts + 1)]
+        finally:
+            server.stop()
+    return {"loader": loader, "prompt_seconds": times}
+
+
+def decode_prompt(tiled: bool) -> dict:
+    decode = ({"class_type": "MemKitTiledVAEDecode",
+               "inputs": {"samples": ["2", 0], "vae": ["1", 0], "tile_x": 256, "tile_y": 256, "tile_stride_x": 192,
+                          "tile_stride_y": 192, "temporal_size": 64, "temporal_stride": 48, "auto": False,
+                          "precision": "precise"}} if tiled
+              else {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}})
+    return {"1": {"class_type": "MemKitVAELoader", "inputs": {"vae_name": USER_VAE}},
+            "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 640, "height": 640, "batch_size": 1}},
+            "3": decode, "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+
+
+def decodes_through_prompt(tiled: bool, prompts: int = 3) -> dict:
+    """A fresh server (``--cache-none``: every prompt decodes again) decoding one 640×640 image per prompt."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ComfyServer(Path(tmp), MODELS, None, ["--cache-none"])
+        server.start()
+        try:
+            times = [timed_prompt(server, decode_prompt(tiled)) for _ in range(prompts)]
+        finally:
+            server.stop()
+    return {"tiled": tiled, "prompt_seconds": times}
+
+
+def bench_user() -> dict:
+    results = {"machine": machine(), "checkpoint": CKPT_A, "vae": USER_VAE,
+               "after_warmup": [after_warmup("core"), after_warmup("memkit")]}
+    pairs = [(inprocess("core-fresh")["seconds"], inprocess("memkit-hit")["miss_seconds"]) for _ in range(3)]
+    results["fresh_core"], results["fresh_memkit_miss"] = [p[0] for p in pairs], [p[1] for p in pairs]
+    results["decodes"] = [decodes_through_prompt(False), decodes_through_prompt(True)]
+    return results
+
+
+def render_user(r: dict) -> str:
+    lines = ["## As a user sees it (issue 18)", "",
+             f"First prompt after a warm-up, through `/prompt` with `--cache-classic` (`{r['checkpoint']}`, two "
+             "CLIPTextEncode, a 1-step KSampler at 64×64, VAEDecode; each prompt a new seed). MemKit: blocking "
+             "preload + `auto_gpu_load` + a warm-up workflow of the same shape at 48 px; core: one such prompt of "
+             "its own first. *first / warm*: the first prompt against the median of the next three (goal ≤ 1.05).",
+             "", "| server | prompts (s) | first / warm |", "|---|---|---|"]
+    for run in r["after_warmup"]:
+        times = run["prompt_seconds"]
+        name = "MemKitCheckpointLoader" if run["loader"] == "memkit" else "CheckpointLoaderSimple"
+        lines.append(f"| {name} | {', '.join(f'{t:.2f}' for t in times)} | "
+                     f"**{times[0] / statistics.median(times[1:]):.2f}×** |")
+    core, miss = statistics.median(r["fresh_core"]), statistics.median(r["fresh_memkit_miss"])
+    lines += ["", "A cache miss against ComfyUI's own loader, like for like: each load the first in a fresh process, "
+              "the file in the page cache, alternating, median of 3 (goal ≤ 1.05×):", "",
+              "| load | runs (s) | median |", "|---|---|---|",
+              f"| CheckpointLoaderSimple | {', '.join(f'{t:.2f}' for t in r['fresh_core'])} | {core:.2f} s |",
+              f"| MemKitCheckpointLoader miss | {', '.join(f'{t:.2f}' for t in r['fresh_memkit_miss'])} | "
+              f"{miss:.2f} s (**{miss / core:.2f}×**) |", "",
+              f"Precise tiled decode through `/prompt` (`{r['vae']}`, a 640×640 image from a fresh server with "
+              "`--cache-none`, so each prompt decodes; 256-px tiles with stride 192, i.e. 64 px of overlap; "
+              "`MemKitTiledVAEDecode` with `auto` off against `VAEDecode`; goal ≤ 1.3× as a user sees it):", "",
+              "| decode | first prompt | later prompts | first | warm |", "|---|---|---|---|---|"]
+    untiled = next(d for d in r["decodes"] if not d["tiled"])["prompt_seconds"]
+    for run in r["decodes"]:
+        times = run["prompt_seconds"]
+        name = "MemKitTiledVAEDecode, precise" if run["tiled"] else "VAEDecode (untiled)"
+        warm = statistics.median(times[1:]) / statistics.median(untiled[1:])
+        lines.append(f"| {name} | {times[0]:.2f} s | {', '.join(f'{t:.2f}' for t in times[1:])} s | "
+                     f"{times[0] / untiled[0]:.2f}× | {warm:.2f}× |")
+    return "\n".join(lines)
+
+
 BENCHMARKS = {"cache": (bench_cache, render_cache), "serverless": (bench_serverless, render_serverless),
               "conditioning": (bench_conditioning, render_conditioning), "vae": (bench_vae, render_vae),
               "budget": (bench_budget, render_budget), "reliability": (bench_reliability, render_reliability),
-              "step_cache": (bench_step_cache, render_step_cache)}
+              "step_cache": (bench_step_cache, render_step_cache), "user": (bench_user, render_user)}
 
 
 def render_all() -> str:
