@@ -315,8 +315,12 @@ class TiledVAEDecoder:
                             out_of_memory: tuple[type[BaseException], ...] = ()) -> torch.Tensor:
         """``decode``, and on ``out_of_memory`` (ComfyUI's ``OOM_EXCEPTION``) again with tiles of half
         the side, down to the smallest that keeps the 64-px overlap, then with whole-model tiles,
-        saying so in the log:
-        as ComfyUI's own VAE decode falls back to tiling, a decode a smaller tile fits never fails."""
+        saying so in the log: a decode that a smaller tile fits never fails.
+
+        An untiled plan is ``VAE.decode``, which catches out-of-memory itself and decodes again with
+        ComfyUI's own tiles; the error reaches this retry only when those run out of memory too
+        (ComfyUI 0.3.75 runs them outside its ``try``), and the retry then starts from half the
+        latent's longer side."""
         shape = tuple(samples.shape)
         attempts = 0
         while True:
@@ -335,7 +339,9 @@ class TiledVAEDecoder:
                     raise
 
     def _smaller(self, shape: tuple[int, ...], plan: DecodePlan) -> DecodePlan | None:
+        """The plan to retry with after ``plan`` ran out of memory; None when nothing smaller is left."""
         overlap = max(1, to_latent(AUTO_OVERLAP_PIXELS, self.spatial_factor, "overlap"))
+        # untiled: VAE.decode's own fallback tiles ran out of memory too (see decode_with_retries)
         side = min(plan.grid.sizes[-2:]) if plan.grid is not None else max(shape[-2:])
         smaller = max(side // 2, MIN_RETRY_SIDE, 2 * overlap + 1)
         if smaller < side:

@@ -275,6 +275,40 @@ def test_out_of_memory_retries_with_smaller_tiles_then_whole_model_tiles(sd_vae,
         decoder.decode_with_retries(latent, plan, out_of_memory=(SimulatedOutOfMemoryError,))
 
 
+def test_out_of_memory_in_comfyuis_own_fallback_tiles_retries_with_ours(sd_vae, monkeypatch, caplog):
+    """An untiled plan is VAE.decode's: on out-of-memory ComfyUI decodes again with its own tiles, and
+    only when those run out of memory too (outside its try) does the error reach MemKit's retry,
+    which then decodes tiles of half the latent's longer side."""
+    import comfy.model_management as mm
+
+    from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder, tiled_decode
+    from comfyui_memkit.vae_tiling.plan import TileSettings
+
+    if mm.OOM_EXCEPTION is Exception:
+        pytest.skip("this torch has no out-of-memory error type, so nothing is retried")
+    model_class = type(sd_vae.first_stage_model)
+    real_decode = model_class.decode
+
+    def decode(self, z, **kwargs):  # as a GPU that runs out of memory above 20 latent positions a side
+        if max(z.shape[-2:]) > 20:
+            raise mm.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(self, z, **kwargs)
+
+    latent = structured_latent((1, 4, 24, 40), SEED)
+    settings = TileSettings(512, 512, 384, 384)  # the latent is within one tile: untiled
+    decoder = TiledVAEDecoder(sd_vae, "fast")
+    untiled = decoder.plan(tuple(latent.shape), settings)
+    assert untiled.grid is None
+    monkeypatch.setattr(model_class, "decode", decode)
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        out = tiled_decode(sd_vae, latent, settings, "fast")
+        expected = decoder.decode(latent, decoder._smaller(tuple(latent.shape), untiled))
+    assert "Ran out of memory when regular VAE decoding" in caplog.text, "ComfyUI's own tiles ran first"
+    assert ("MemKit tiled decode ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB) with untiled"
+            in caplog.text)
+    assert torch.equal(out, expected), "the retry decoded MemKit tiles of half the longer side"
+
+
 def test_a_latent_stage_that_does_not_fit_runs_per_tile(sd_vae, caplog):
     from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
     from comfyui_memkit.vae_tiling.plan import TileSettings
