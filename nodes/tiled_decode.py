@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-from comfy.utils import ProgressBar
 from comfy_api.latest import io
 
-from ..vae_tiling.decode import PRECISIONS, TiledVAEDecoder
+from ..vae_tiling.decode import PRECISIONS, tiled_decode
 from ..vae_tiling.plan import TileSettings, TileSettingsError, validate_pixel_settings
 
 DEFAULTS = TileSettings()
@@ -72,22 +70,9 @@ class MemKitTiledVAEDecode(io.ComfyNode):
     @classmethod
     def execute(cls, samples: dict, vae, tile_x: int, tile_y: int, tile_stride_x: int, tile_stride_y: int,
                 temporal_size: int, temporal_stride: int, auto: bool, precision: str = "precise") -> io.NodeOutput:
-        from comfy import model_management
-
-        latent: torch.Tensor = samples["samples"]
-        decoder = TiledVAEDecoder(vae, precision)
         settings = None if auto else TileSettings(tile_x, tile_y, tile_stride_x, tile_stride_y, temporal_size,
                                                   temporal_stride)
-        free = decoder.prepare(tuple(latent.shape))
-        plan = decoder.plan(tuple(latent.shape), settings, free_memory=free)
-        bar = ProgressBar(plan.tiles * latent.shape[0])
-        images = decoder.decode_with_retries(
-            latent, plan, progress=lambda done, total: bar.update_absolute(done, total),
-            check=model_management.throw_exception_if_processing_interrupted,
-            out_of_memory=(model_management.OOM_EXCEPTION,) if model_management.OOM_EXCEPTION is not Exception else ())
-        if images.ndim == 5:  # frames as the batch, as VAEDecode does
-            images = images.reshape(-1, *images.shape[-3:])
-        return io.NodeOutput(images)
+        return io.NodeOutput(tiled_decode(vae, samples["samples"], settings, precision))
 
 
 NODES = [MemKitTiledVAEDecode]

@@ -1,4 +1,9 @@
-"""Tiled VAE decode: plan the tiles, decode them one by one, blend, hand back what VAEDecode would."""
+"""Tiled VAE decode: plan the tiles, decode them one by one, blend, hand back what VAEDecode would.
+
+``tiled_decode`` is the one entry point (the node's). ``TiledVAEDecoder`` plans and decodes; how a
+tile is decoded, and what the plan needs to know about that, is the method's class (``stages``);
+every call into ComfyUI goes through ``comfy_models``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import comfy_models
 from .blend import BlendAccumulator, axis_feathers
 from .plan import (
     LatentGrid,
@@ -22,7 +28,7 @@ from .plan import (
     recompute_factor,
     to_latent,
 )
-from .stages import ATTENTION_SCORE_BYTES, KLStages, WanStages, is_frame_causal, split_attention
+from .stages import Method, method_for
 from .synced import ParkLedger, SyncedKLDecoder
 
 log = logging.getLogger(__name__)
@@ -34,15 +40,8 @@ PRECISIONS = ("precise", "fast")
 """precise: GroupNorm VAEs normalise every tile with whole-image statistics (layer-synchronous);
 fast: every tile is decoded on its own (its own statistics)."""
 
-LATENT_STAGE_BYTES_PER_ELEMENT = 10
-"""Working memory of a split decoder's latent-resolution stage, per element of its widest
-activation (the middle block's ResNet temporaries and attention output, in the VAE's dtype)."""
-
 MIN_RETRY_SIDE = 8
 """Smallest tile side (latent units) an out-of-memory retry goes down to before whole-model tiles."""
-
-UNSPLIT = {"kl-staged": "whole-model", "wan-staged": "frame-causal"}
-"""For each split method, the whole-model method that runs the same tiles without the split."""
 
 _split_checked: dict[tuple[str, str, str], bool] = {}
 """Per (VAE class, dtype, method): whether the split decoder matched ComfyUI's own decode."""
@@ -55,7 +54,7 @@ AUTO_OVERLAP_PIXELS = 64
 class DecodePlan:
     """What ``decode`` will do: ``grid`` None means one plain ``VAE.decode`` call (untiled)."""
 
-    method: str
+    method: type[Method]
     grid: LatentGrid | None
     regions: tuple[Region, ...]
     recompute: float
@@ -67,10 +66,10 @@ class DecodePlan:
 
     def describe(self) -> str:
         if self.grid is None:
-            return f"untiled ({self.method})"
+            return f"untiled ({self.method.name})"
         sizes = "x".join(str(b - a) for a, b in self.regions[0])  # every tile has the same size
         overlaps = "x".join(str(t - s) for t, s in zip(self.grid.sizes, self.grid.strides))
-        return (f"{self.tiles} tiles of {sizes} latent, overlap at least {overlaps} ({self.method}"
+        return (f"{self.tiles} tiles of {sizes} latent, overlap at least {overlaps} ({self.method.name}"
                 f"{', precise' if self.precise else ''}); each position decoded {self.recompute:.2f}x on average")
 
 
@@ -89,6 +88,23 @@ def _scale(ratio: Any) -> Callable[[int], int]:
     return (lambda n: round(ratio(n))) if callable(ratio) else (lambda n: round(n * ratio))
 
 
+def tiled_decode(vae: Any, samples: torch.Tensor, settings: TileSettings | None,
+                 precision: str = "precise") -> torch.Tensor:
+    """Decode ``samples`` with ``vae`` as MemKitTiledVAEDecode does, wired to ComfyUI: load the VAE as
+    VAEDecode would, plan (``settings`` None: ``auto``), decode with ComfyUI's progress bar and
+    interrupt, retrying with smaller tiles on its out-of-memory error. Video frames come back as
+    the batch, as VAEDecode returns them."""
+    decoder = TiledVAEDecoder(vae, precision)
+    shape = tuple(samples.shape)
+    plan = decoder.plan(shape, settings, free_memory=decoder.prepare(shape))
+    images = decoder.decode_with_retries(samples, plan, progress=comfy_models.progress_bar(plan.tiles * shape[0]),
+                                         check=comfy_models.raise_if_interrupted,
+                                         out_of_memory=comfy_models.out_of_memory_errors())
+    if images.ndim == 5:  # frames as the batch, as VAEDecode does
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
 class TiledVAEDecoder:
     """Tiled decode for one ComfyUI ``VAE`` object (duck-typed: uses its public attributes)."""
 
@@ -104,23 +120,18 @@ class TiledVAEDecoder:
 
     # ---- planning ----------------------------------------------------------------------------
 
-    def method(self, samples_ndim: int) -> str:
-        if samples_ndim == 4:
-            return "kl-staged" if KLStages.supports(self.model) else "whole-model"
-        if samples_ndim == 5:
-            if WanStages.supports(self.model):
-                return "wan-staged"
-            return "frame-causal" if is_frame_causal(self.model) else "volume"
-        raise ValueError(f"samples must be a 4-D image latent or a 5-D video latent, got {samples_ndim}-D")
+    def method(self, samples_ndim: int) -> type[Method]:
+        """How this VAE's latents of ``samples_ndim`` dimensions are decoded (see ``stages``)."""
+        return method_for(self.model, samples_ndim)
 
-    def _time_is_tiled(self, method: str) -> bool:
-        return method == "volume" and self.temporal_factor is not None
+    def _time_is_tiled(self, method: type[Method]) -> bool:
+        return method.tiles_time and self.temporal_factor is not None
 
-    def _precise(self, method: str) -> bool:
-        return self.precision == "precise" and method == "kl-staged" and SyncedKLDecoder.supports(KLStages(self.model))
+    def _precise(self, method: type[Method]) -> bool:
+        return self.precision == "precise" and SyncedKLDecoder.supports(method(self.model))
 
     def plan(self, shape: tuple[int, ...], settings: TileSettings | None,
-             free_memory: float | None = None, method: str | None = None) -> DecodePlan:
+             free_memory: float | None = None, method: type[Method] | None = None) -> DecodePlan:
         """The plan for ``settings``, or for ``auto`` when settings is None: sized from ``free_memory``
         (default: what ComfyUI reports free on the VAE's device; see ``prepare``).
 
@@ -129,14 +140,12 @@ class TiledVAEDecoder:
         """
         method = method or self.method(len(shape))
         if free_memory is None:
-            from comfy import model_management
-
-            free_memory = model_management.get_free_memory(self.vae.device)
+            free_memory = comfy_models.free_memory(self.vae.device)
         latent_stage = self.latent_stage_memory(shape, method)
-        if latent_stage > free_memory:
+        if method.unsplit is not None and latent_stage > free_memory:
             log.info("MemKit tiled decode: the latent stage of %s needs about %.0f MB, more than the %.0f MB free; "
                      "decoding whole-model tiles", tuple(shape), latent_stage / 2**20, free_memory / 2**20)
-            method = UNSPLIT[method]
+            method = method.unsplit
         temporal = self.temporal_factor if self._time_is_tiled(method) else None
         if settings is None:
             grid = self._auto_grid(shape, method, free_memory)
@@ -147,26 +156,18 @@ class TiledVAEDecoder:
         return DecodePlan(method, grid, tuple(plan_tiles(shape, grid)), recompute_factor(shape, grid),
                           precise=self._precise(method))
 
-    def latent_stage_memory(self, shape: tuple[int, ...], method: str) -> float:
-        """Bytes the latent-resolution stage of a split decoder needs on the whole latent: its widest
-        activation times ``LATENT_STAGE_BYTES_PER_ELEMENT`` (Wan: one frame at a time, but the
-        features of every frame are kept for the tiles), plus the attention scores it holds at once."""
-        if method not in ("kl-staged", "wan-staged"):
-            return 0.0
-        decoder = self.model.decoder
-        channels = (decoder.conv_in if method == "kl-staged" else decoder.conv1).out_channels
+    def latent_stage_memory(self, shape: tuple[int, ...], method: type[Method]) -> float:
+        """Bytes the latent-resolution stage of a split method needs on the whole latent, in the VAE's
+        dtype (``Stages.latent_stage_memory``); 0 for a whole-model method, which has none."""
         dtype_size = torch.empty((), dtype=self.vae.vae_dtype).element_size()
-        frame = shape[-1] * shape[-2] * channels * dtype_size
-        frames = shape[2] if method == "wan-staged" else 1
-        attention = ATTENTION_SCORE_BYTES if method == "kl-staged" else 0  # at most, where it is split attention
-        return float(frame * (LATENT_STAGE_BYTES_PER_ELEMENT + frames) + attention)
+        return method(self.model).latent_stage_memory(shape, dtype_size)
 
-    def _memory_for(self, shape: tuple[int, ...], method: str) -> float:
-        if method in ("frame-causal", "wan-staged"):  # one latent frame at a time: time barely adds memory
+    def _memory_for(self, shape: tuple[int, ...], method: type[Method]) -> float:
+        if method.frame_by_frame:  # one latent frame at a time: time barely adds memory
             shape = (*shape[:2], 1, *shape[3:])
         return float(self.vae.memory_used_decode((1, *shape[1:]), self.vae.vae_dtype))
 
-    def _auto_grid(self, shape: tuple[int, ...], method: str, free: float) -> LatentGrid | None:
+    def _auto_grid(self, shape: tuple[int, ...], method: type[Method], free: float) -> LatentGrid | None:
         """Untiled when the whole latent fits in free memory, else the largest square tiles that fit
         beside the latent stage's output (kept for every tile of a split decoder)."""
         if self._memory_for(shape, method) <= free:
@@ -183,7 +184,7 @@ class TiledVAEDecoder:
         side = max(side, 2 * overlap + 1)
         return self._square_grid(shape, method, side, overlap)
 
-    def _square_grid(self, shape: tuple[int, ...], method: str, side: int, overlap: int) -> LatentGrid:
+    def _square_grid(self, shape: tuple[int, ...], method: type[Method], side: int, overlap: int) -> LatentGrid:
         sizes, strides = (side, side), (side - overlap, side - overlap)
         if self._time_is_tiled(method):
             sizes, strides = (shape[2], *sizes), (shape[2], *strides)
@@ -193,23 +194,19 @@ class TiledVAEDecoder:
         """Load the VAE on its decode device through ComfyUI, asking for room for an untiled decode
         (as VAEDecode does, so ComfyUI offloads other models first), and return the free memory
         there afterwards: what ``auto`` sizes tiles from."""
-        from comfy import model_management
-
-        untiled = self._memory_for(shape, self.method(len(shape)))
-        model_management.load_models_gpu([self.vae.patcher], memory_required=untiled,
-                                         force_full_load=self.vae.disable_offload)
-        return model_management.get_free_memory(self.vae.device)
+        comfy_models.load(self.vae, self._memory_for(shape, self.method(len(shape))))
+        return comfy_models.free_memory(self.vae.device)
 
     # ---- checking the split against ComfyUI ---------------------------------------------------
 
-    def split_matches_comfyui(self, method: str, precise: bool) -> bool:
+    def split_matches_comfyui(self, method: type[Method], precise: bool) -> bool:
         """Once per VAE class, dtype and method: does our split decode give what ComfyUI's own
         decode gives on a tiny latent? If not (another ComfyUI version changed the model), the
         caller uses whole-model tiles, so the output can never silently change."""
-        if method not in ("kl-staged", "wan-staged"):
+        if method.unsplit is None:  # the whole model is ComfyUI's own decode
             return True
         key = (f"{type(self.model).__module__}.{type(self.model).__name__}", str(self.vae.vae_dtype),
-               method + ("+precise" if precise else ""))
+               method.name + ("+precise" if precise else ""))
         if key not in _split_checked:
             try:
                 _split_checked[key] = self._check_split(method, precise)
@@ -222,19 +219,16 @@ class TiledVAEDecoder:
                             "ComfyUI version; using whole-model tiles for it", key[2], key[0])
         return _split_checked[key]
 
-    def _check_split(self, method: str, precise: bool) -> bool:
-        channels = self.vae.latent_channels
-        shape = (1, channels, 8, 8) if method == "kl-staged" else (1, channels, 2, 4, 4)
+    def _check_split(self, method: type[Method], precise: bool) -> bool:
+        shape = (1, self.vae.latent_channels, *method.check_size)
         latent = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(self.vae.vae_dtype)
         with torch.no_grad():
             latent = latent.to(self.vae.device)
             expected = self.model.decode(latent)
-            stages = KLStages(self.model) if method == "kl-staged" else WanStages(self.model)
+            stages = method(self.model)
             features = stages.latent_stage(latent)
-            if method == "kl-staged" and split_attention(self.model.decoder.mid.attn_1):
-                # the chunked split attention too (large latents only): here a chunk per query
-                chunked = KLStages(self.model, attention_score_bytes=1).latent_stage(latent)
-                if not self._close(chunked, features):
+            for variant in stages.variants():  # as it runs on large latents (KL: chunked split attention)
+                if not self._close(variant.latent_stage(latent), features):
                     return False
             if not precise:
                 return bool(torch.equal(stages.upsampling_stage(features), expected))
@@ -266,14 +260,14 @@ class TiledVAEDecoder:
             return images
         self._load(tuple(samples.shape), plan.regions[0], plan.method)
         if not self.split_matches_comfyui(plan.method, plan.precise):
-            plan = DecodePlan(UNSPLIT[plan.method], plan.grid, plan.regions, plan.recompute)
+            plan = DecodePlan(plan.method.unsplit, plan.grid, plan.regions, plan.recompute)
         tiles = plan.regions
         all_axes = self._axes(samples.ndim)
         axes = all_axes[len(all_axes) - len(plan.grid.sizes):]  # the tiled ones are last
         weights = [axis_feathers([axis.out_span(region[i]) for region in tiles]) for i, axis in enumerate(axes)]
         out_shape = (1, vae.output_channels, *(axis.length(n) for axis, n in zip(all_axes, samples.shape[2:])))
         log.info("MemKit tiled decode of %s: %s", tuple(samples.shape), plan.describe())
-        per_tile = SyncedKLDecoder(KLStages(self.model), vae.device, vae.device).ticks() if plan.precise else 1
+        per_tile = SyncedKLDecoder(plan.method(self.model), vae.device, vae.device).ticks() if plan.precise else 1
         counter = {"done": 0, "total": len(tiles) * samples.shape[0] * per_tile}
 
         def tick() -> None:
@@ -298,19 +292,17 @@ class TiledVAEDecoder:
     def _decoded_tiles(self, latent: torch.Tensor, plan: DecodePlan, check: Check,
                        tick: Callable[[], None]) -> Any:
         """(region, decoded tile) for every tile of the plan, one at a time."""
-        from comfy import model_management
-
         tiles = plan.regions
         if plan.precise:
-            stages = KLStages(self.model)
+            stages = plan.method(self.model)
             features = stages.latent_stage(latent)
-            park = model_management.vae_offload_device() if self.vae.device.type != "cpu" else self.vae.device
+            park = comfy_models.offload_device() if self.vae.device.type != "cpu" else self.vae.device
             synced = SyncedKLDecoder(stages, self.vae.device, park, check=check, ledger=self.ledger)
             owned = owned_regions(tuple(latent.shape), plan.grid, list(tiles))
             for index, decoded in synced.run(features, list(tiles), owned, progress=tick):
                 yield tiles[index], decoded
             return
-        decode_tile = self._tile_decoder(latent, plan.method)
+        decode_tile = plan.method(self.model).tile_decoder(latent)
         for region in tiles:
             check()
             window = (..., *(slice(a, b) for a, b in region))
@@ -323,8 +315,12 @@ class TiledVAEDecoder:
                             out_of_memory: tuple[type[BaseException], ...] = ()) -> torch.Tensor:
         """``decode``, and on ``out_of_memory`` (ComfyUI's ``OOM_EXCEPTION``) again with tiles of half
         the side, down to the smallest that keeps the 64-px overlap, then with whole-model tiles,
-        saying so in the log:
-        as ComfyUI's own VAE decode falls back to tiling, a decode a smaller tile fits never fails."""
+        saying so in the log: a decode that a smaller tile fits never fails.
+
+        An untiled plan is ``VAE.decode``, which catches out-of-memory itself and decodes again with
+        ComfyUI's own tiles; the error reaches this retry only when those run out of memory too
+        (ComfyUI 0.3.75 runs them outside its ``try``), and the retry then starts from half the
+        latent's longer side."""
         shape = tuple(samples.shape)
         attempts = 0
         while True:
@@ -337,37 +333,26 @@ class TiledVAEDecoder:
                     raise
                 log.warning("MemKit tiled decode ran out of memory (%s) with %s; retrying with %s",
                             str(error).splitlines()[0][:200], plan.describe(), smaller.describe())
-                self._free_after_oom()
+                comfy_models.empty_cache()
                 plan = smaller
                 if attempts > 16:
                     raise
 
     def _smaller(self, shape: tuple[int, ...], plan: DecodePlan) -> DecodePlan | None:
+        """The plan to retry with after ``plan`` ran out of memory; None when nothing smaller is left."""
         overlap = max(1, to_latent(AUTO_OVERLAP_PIXELS, self.spatial_factor, "overlap"))
+        # untiled: VAE.decode's own fallback tiles ran out of memory too (see decode_with_retries)
         side = min(plan.grid.sizes[-2:]) if plan.grid is not None else max(shape[-2:])
         smaller = max(side // 2, MIN_RETRY_SIDE, 2 * overlap + 1)
         if smaller < side:
             grid = self._square_grid(shape, plan.method, smaller, overlap)
             return DecodePlan(plan.method, grid, tuple(plan_tiles(shape, grid)), recompute_factor(shape, grid),
                               precise=plan.precise)
-        whole = UNSPLIT.get(plan.method)
+        whole = plan.method.unsplit
         if whole is None:  # already whole-model tiles at the smallest side: nothing smaller to try
             return None
         grid = self._square_grid(shape, whole, max(side, 2 * overlap + 1), overlap)
         return DecodePlan(whole, grid, tuple(plan_tiles(shape, grid)), recompute_factor(shape, grid))
-
-    @staticmethod
-    def _free_after_oom() -> None:
-        from comfy import model_management
-
-        model_management.soft_empty_cache()
-
-    def _tile_decoder(self, latent: torch.Tensor, method: str) -> Callable[[tuple], torch.Tensor]:
-        if method in ("kl-staged", "wan-staged"):
-            stages = KLStages(self.model) if method == "kl-staged" else WanStages(self.model)
-            features = stages.latent_stage(latent)
-            return lambda window: stages.upsampling_stage(features[window])
-        return lambda window: self.model.decode(latent[window])
 
     def _axes(self, ndim: int) -> list[_Axis]:
         """Output mapping for every latent axis after batch and channels."""
@@ -380,10 +365,7 @@ class TiledVAEDecoder:
             return [_Axis(_scale(time_ratio), _scale(time_pos)), spatial, spatial]
         return [spatial, spatial]
 
-    def _load(self, shape: tuple[int, ...], first_tile: tuple, method: str) -> None:
+    def _load(self, shape: tuple[int, ...], first_tile: tuple, method: type[Method]) -> None:
         """Put the VAE on its decode device through ComfyUI, asking for one tile's worth of memory."""
-        from comfy import model_management
-
         tile_shape = (*shape[:len(shape) - len(first_tile)], *(b - a for a, b in first_tile))
-        model_management.load_models_gpu([self.vae.patcher], memory_required=self._memory_for(tile_shape, method),
-                                         force_full_load=self.vae.disable_offload)
+        comfy_models.load(self.vae, self._memory_for(tile_shape, method))

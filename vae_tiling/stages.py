@@ -1,27 +1,41 @@
-"""How one tile is decoded, per VAE family.
+"""How one tile is decoded: the decode methods, each a class that carries its own facts.
 
-Three ways, chosen from the VAE's modules, not its name:
+The method is chosen from the VAE's modules, not its name (``method_for``), once per decode:
 
-* ``KLStages`` — SD/SDXL ``AutoencoderKL`` and SD3/Flux ``AutoencodingEngine`` with ComfyUI's 2-D ``Decoder``: all
-  that runs at latent resolution (post-quant conv, conv_in, the middle block with its full-image
-  attention, the first level of up blocks) runs once over the whole latent; only the stages
-  after the first upsample run per tile. Measured on a 640x640 SD decode with 256-px tiles
-  against tiling the whole model: better PSNR (the attention sees the whole image) and less time
-  (the latent-resolution part is not recomputed in the overlaps).
-* frame-causal video VAEs (Wan 2.1/2.2) — the whole model per spatial tile, over every frame, so
-  the causal cache stays continuous through the clip (no temporal chunks, no flicker).
-* anything else — the whole model's ``decode`` on a latent crop.
+* ``KLStages`` ("kl-staged") — SD/SDXL ``AutoencoderKL`` and SD3/Flux ``AutoencodingEngine`` with
+  ComfyUI's 2-D ``Decoder``: all that runs at latent resolution (post-quant conv, conv_in, the
+  middle block with its full-image attention, the first level of up blocks) runs once over the
+  whole latent; only the stages after the first upsample run per tile. Measured on a 640x640 SD
+  decode with 256-px tiles against tiling the whole model: better PSNR (the attention sees the
+  whole image) and less time (the latent-resolution part is not recomputed in the overlaps).
+* ``WanStages`` ("wan-staged") — the Wan 2.1 VAE, split the same way, frame by frame.
+* ``FrameCausal`` ("frame-causal") — other frame-causal video VAEs (Wan 2.2): the whole model per
+  spatial tile, over every frame, so the causal cache stays continuous through the clip (no
+  temporal chunks, no flicker).
+* ``Volume`` ("volume") — other video VAEs, which decode a whole clip at once: the whole model on
+  a latent crop, cut in time too.
+* ``WholeModel`` ("whole-model") — other image VAEs: the whole model's ``decode`` on a latent crop.
+
+The names are what plans and logs print (BENCHMARKS.md quotes them): keep them as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
-Decode = Callable[[torch.Tensor], torch.Tensor]
+from .comfy_models import wan_vae_module
+
+TileDecoder = Callable[[tuple], torch.Tensor]
+"""Decodes the tile at a window (an index into the latent) of the latent it was made for."""
 
 FRAME_CAUSAL_MODULE_PREFIXES = ("comfy.ldm.wan.",)
+
+LATENT_STAGE_BYTES_PER_ELEMENT = 10
+"""Working memory of a split decoder's latent-resolution stage, per element of its widest
+activation (the middle block's ResNet temporaries and attention output, in the VAE's dtype)."""
 
 
 def is_frame_causal(model: torch.nn.Module) -> bool:
@@ -67,11 +81,118 @@ def chunked_attention_block(block: torch.nn.Module, x: torch.Tensor, score_bytes
     return x + block.proj_out(out.reshape(b, c, height, width))
 
 
-class KLStages:
+class Method:
+    """One way to decode a tile, with the facts the planner needs. This base is the plain way:
+    each tile is its latent crop through the whole model's ``decode``."""
+
+    name: ClassVar[str]
+    """As plans and logs spell it."""
+    ndim: ClassVar[int]
+    """The latents it decodes: 4 (images) or 5 (videos)."""
+    unsplit: ClassVar[type[Method] | None] = None
+    """None for a whole-model method; for a split one (``Stages``), the whole-model method that decodes
+    the same tiles without the split (used when the split's latent stage does not fit the free
+    memory, when it no longer matches ComfyUI's decode, or to retry after running out of memory)."""
+    frame_by_frame: ClassVar[bool] = False
+    """Decodes one latent frame at a time, so a clip's length barely adds to its working memory."""
+    tiles_time: ClassVar[bool] = False
+    """Decodes a whole clip at once, so long clips are cut into chunks in time as well."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        """Whether this method can decode ``model``'s latents (the whole model decodes any)."""
+        return True
+
+    def tile_decoder(self, latent: torch.Tensor) -> TileDecoder:
+        """A decoder of ``latent``'s tiles; a split method runs its latent stage here, once."""
+        return lambda window: self.model.decode(latent[window])
+
+    def latent_stage_memory(self, shape: tuple[int, ...], dtype_size: int) -> float:
+        """Bytes of the part run once over the whole latent, before any tile: none here."""
+        return 0.0
+
+
+class WholeModel(Method):
+    """Image VAEs that are not split: the whole model per tile."""
+
+    name = "whole-model"
+    ndim = 4
+
+
+class FrameCausal(Method):
+    """Frame-causal video VAEs that are not split (Wan 2.2): the whole model per spatial tile, over
+    every frame, so each tile's causal cache runs through the whole clip."""
+
+    name = "frame-causal"
+    ndim = 5
+    frame_by_frame = True
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        return is_frame_causal(model)
+
+
+class Volume(Method):
+    """Video VAEs that decode a whole clip at once: the whole model per tile, chunked in time too."""
+
+    name = "volume"
+    ndim = 5
+    tiles_time = True
+
+
+class Stages(Method):
+    """A split method: ``latent_stage`` runs once over the whole latent, ``upsampling_stage`` on each
+    tile's crop of its output (so the latent-resolution part is not recomputed in the overlaps)."""
+
+    unsplit: ClassVar[type[Method]]  # every split method has one
+    check_size: ClassVar[tuple[int, ...]]
+    """The size (after batch and channels) of the tiny latent the first-use check decodes both ways."""
+
+    def latent_stage(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def upsampling_stage(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_channels(self) -> int:
+        """Channels of the latent stage's widest activation."""
+        raise NotImplementedError
+
+    def held_attention_bytes(self) -> int:
+        """Most bytes of attention scores the latent stage holds at once, beyond its activations."""
+        return 0
+
+    def variants(self) -> list[Stages]:
+        """These stages as their latent stage runs on large latents, where that differs from a tiny
+        latent's run: the first-use check compares them too, as its tiny latent never runs that way."""
+        return []
+
+    def tile_decoder(self, latent: torch.Tensor) -> TileDecoder:
+        features = self.latent_stage(latent)
+        return lambda window: self.upsampling_stage(features[window])
+
+    def latent_stage_memory(self, shape: tuple[int, ...], dtype_size: int) -> float:
+        """Its widest activation times ``LATENT_STAGE_BYTES_PER_ELEMENT`` (frame by frame: one frame
+        at a time, but the features of every frame are kept for the tiles), plus the attention
+        scores it holds at once."""
+        frame = shape[-1] * shape[-2] * self.latent_channels() * dtype_size
+        frames = shape[2] if self.frame_by_frame else 1
+        return float(frame * (LATENT_STAGE_BYTES_PER_ELEMENT + frames) + self.held_attention_bytes())
+
+
+class KLStages(Stages):
     """Split decode of an ``AutoencoderKL`` whose decoder is ComfyUI's 2-D ``Decoder``."""
 
+    name = "kl-staged"
+    ndim = 4
+    unsplit = WholeModel
+    check_size = (8, 8)
+
     def __init__(self, model: torch.nn.Module, attention_score_bytes: int = ATTENTION_SCORE_BYTES) -> None:
-        self.model = model
+        super().__init__(model)
         self.decoder = model.decoder
         self.attention_score_bytes = attention_score_bytes
 
@@ -97,6 +218,18 @@ class KLStages:
             and all(hasattr(decoder, name) for name in ("conv_in", "mid", "up", "norm_out", "conv_out"))
             and isinstance(decoder.conv_in, torch.nn.Conv2d)
         )
+
+    def latent_channels(self) -> int:
+        return self.decoder.conv_in.out_channels
+
+    def held_attention_bytes(self) -> int:
+        return self.attention_score_bytes  # at most, where it is split attention
+
+    def variants(self) -> list[Stages]:
+        """The chunked split attention (large latents only): here a chunk per query."""
+        if split_attention(self.decoder.mid.attn_1):
+            return [KLStages(self.model, attention_score_bytes=1)]
+        return []
 
     def latent_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Everything that runs at latent resolution, over the whole latent."""
@@ -134,7 +267,7 @@ class KLStages:
         return h
 
 
-class WanStages:
+class WanStages(Stages):
     """Split decode of the Wan 2.1 VAE (``comfy.ldm.wan.vae.WanVAE``), frame by frame with causal caches.
 
     The latent-resolution part (conv2, conv1, the middle block with its per-frame full-image
@@ -143,8 +276,14 @@ class WanStages:
     Mirrors ``WanVAE.decode`` / ``Decoder3d.forward`` (tested for parity against them).
     """
 
+    name = "wan-staged"
+    ndim = 5
+    unsplit = FrameCausal
+    frame_by_frame = True
+    check_size = (2, 4, 4)
+
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+        super().__init__(model)
         self.decoder = model.decoder
 
     @staticmethod
@@ -152,18 +291,17 @@ class WanStages:
         return (type(model).__module__ == "comfy.ldm.wan.vae" and type(model).__name__ == "WanVAE"
                 and all(hasattr(model.decoder, name) for name in ("conv1", "middle", "upsamples", "head")))
 
-    def _cache(self) -> list:
-        from comfy.ldm.wan.vae import count_conv3d
+    def latent_channels(self) -> int:
+        return self.decoder.conv1.out_channels
 
-        return [None] * count_conv3d(self.decoder)
+    def _cache(self) -> list:
+        return [None] * wan_vae_module().count_conv3d(self.decoder)
 
     @staticmethod
     def _causal(conv: torch.nn.Module, x: torch.Tensor, cache: list, index: list[int]) -> torch.Tensor:
         """A CausalConv3d called the way Decoder3d.forward calls conv1 and the head's conv."""
-        from comfy.ldm.wan.vae import CACHE_T
-
         slot = index[0]
-        cache_x = x[:, :, -CACHE_T:, :, :].clone()
+        cache_x = x[:, :, -wan_vae_module().CACHE_T:, :, :].clone()
         if cache_x.shape[2] < 2 and cache[slot] is not None:
             cache_x = torch.cat([cache[slot][:, :, -1, :, :].unsqueeze(2).to(cache_x.device), cache_x], dim=2)
         x = conv(x, cache[slot])
@@ -172,8 +310,7 @@ class WanStages:
         return x
 
     def latent_stage(self, z: torch.Tensor) -> torch.Tensor:
-        from comfy.ldm.wan.vae import ResidualBlock
-
+        residual_block = wan_vae_module().ResidualBlock
         d = self.decoder
         x = self.model.conv2(z)
         cache, frames = self._cache(), []
@@ -181,13 +318,12 @@ class WanStages:
             index = [0]
             h = self._causal(d.conv1, x[:, :, i:i + 1], cache, index)
             for layer in d.middle:
-                h = layer(h, cache, index) if isinstance(layer, ResidualBlock) else layer(h)
+                h = layer(h, cache, index) if isinstance(layer, residual_block) else layer(h)
             frames.append(h)
         return torch.cat(frames, 2)
 
     def upsampling_stage(self, h: torch.Tensor) -> torch.Tensor:
-        from comfy.ldm.wan.vae import CausalConv3d
-
+        causal_conv = wan_vae_module().CausalConv3d
         d = self.decoder
         cache, frames = self._cache(), []
         for i in range(h.shape[2]):
@@ -196,6 +332,18 @@ class WanStages:
             for layer in d.upsamples:
                 x = layer(x, cache, index)
             for layer in d.head:
-                x = self._causal(layer, x, cache, index) if isinstance(layer, CausalConv3d) else layer(x)
+                x = self._causal(layer, x, cache, index) if isinstance(layer, causal_conv) else layer(x)
             frames.append(x)
         return torch.cat(frames, 2)
+
+
+METHODS: tuple[type[Method], ...] = (KLStages, WholeModel, WanStages, FrameCausal, Volume)
+"""In order of preference: a latent gets the first method for its dimensions that supports the VAE."""
+
+
+def method_for(model: torch.nn.Module, ndim: int) -> type[Method]:
+    """The method for ``model``'s latents of ``ndim`` dimensions."""
+    for method in METHODS:
+        if method.ndim == ndim and method.supports(model):
+            return method
+    raise ValueError(f"samples must be a 4-D image latent or a 5-D video latent, got {ndim}-D")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .plan import Region
-from .stages import KLStages
+from .stages import KLStages, Method
 
 Check = Callable[[], None]
 
@@ -128,9 +128,12 @@ class SyncedKLDecoder:
         self.ledger = ledger or ParkLedger()
 
     @staticmethod
-    def supports(stages: KLStages) -> bool:
-        """Precise only where every tiled step is a ResNet block, an upsampler or the output norm."""
-        decoder = stages.decoder
+    def supports(method: Method) -> bool:
+        """Precise only for ``KLStages`` where every tiled step is a ResNet block, an upsampler or the
+        output norm."""
+        if not isinstance(method, KLStages):
+            return False
+        decoder = method.decoder
         return (all(len(decoder.up[i].attn) == 0 for i in range(decoder.num_resolutions - 1))
                 and hasattr(decoder.norm_out, "num_groups") and not decoder.give_pre_end)
 

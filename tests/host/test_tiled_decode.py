@@ -141,6 +141,7 @@ def test_auto_decodes_untiled_when_memory_allows(comfy_host, sd_vae, node):
 
 def test_auto_picks_the_largest_tiles_that_fit_when_memory_is_short(sd_vae):
     from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
+    from comfyui_memkit.vae_tiling.stages import KLStages
 
     decoder = TiledVAEDecoder(sd_vae)
     shape = (1, 4, 80, 80)
@@ -150,7 +151,7 @@ def test_auto_picks_the_largest_tiles_that_fit_when_memory_is_short(sd_vae):
     side = plan.grid.sizes[0]
     assert plan.grid.sizes == (side, side)
     assert plan.grid.strides == (side - 8, side - 8)  # 64 px of overlap
-    beside = budget - decoder.latent_stage_memory(shape, "kl-staged")  # its output stays for every tile
+    beside = budget - decoder.latent_stage_memory(shape, KLStages)  # its output stays for every tile
     assert estimate((1, 4, side, side)) <= beside < estimate((1, 4, side + 8, side + 8))
     assert decoder.plan(shape, None, free_memory=estimate(shape)).grid is None  # fits: untiled
 
@@ -251,7 +252,7 @@ def test_out_of_memory_retries_with_smaller_tiles_then_whole_model_tiles(sd_vae,
         split_ok = True
 
         def _decoded_tiles(self, latent, plan, check, tick):
-            if max(b - a for a, b in plan.regions[0]) > self.limit or (plan.method != "whole-model"
+            if max(b - a for a, b in plan.regions[0]) > self.limit or (plan.method.name != "whole-model"
                                                                         and not self.split_ok):
                 raise SimulatedOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             yield from super()._decoded_tiles(latent, plan, check, tick)
@@ -274,20 +275,55 @@ def test_out_of_memory_retries_with_smaller_tiles_then_whole_model_tiles(sd_vae,
         decoder.decode_with_retries(latent, plan, out_of_memory=(SimulatedOutOfMemoryError,))
 
 
+def test_out_of_memory_in_comfyuis_own_fallback_tiles_retries_with_ours(sd_vae, monkeypatch, caplog):
+    """An untiled plan is VAE.decode's: on out-of-memory ComfyUI decodes again with its own tiles, and
+    only when those run out of memory too (outside its try) does the error reach MemKit's retry,
+    which then decodes tiles of half the latent's longer side."""
+    import comfy.model_management as mm
+
+    from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder, tiled_decode
+    from comfyui_memkit.vae_tiling.plan import TileSettings
+
+    if mm.OOM_EXCEPTION is Exception:
+        pytest.skip("this torch has no out-of-memory error type, so nothing is retried")
+    model_class = type(sd_vae.first_stage_model)
+    real_decode = model_class.decode
+
+    def decode(self, z, **kwargs):  # as a GPU that runs out of memory above 20 latent positions a side
+        if max(z.shape[-2:]) > 20:
+            raise mm.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(self, z, **kwargs)
+
+    latent = structured_latent((1, 4, 24, 40), SEED)
+    settings = TileSettings(512, 512, 384, 384)  # the latent is within one tile: untiled
+    decoder = TiledVAEDecoder(sd_vae, "fast")
+    untiled = decoder.plan(tuple(latent.shape), settings)
+    assert untiled.grid is None
+    monkeypatch.setattr(model_class, "decode", decode)
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        out = tiled_decode(sd_vae, latent, settings, "fast")
+        expected = decoder.decode(latent, decoder._smaller(tuple(latent.shape), untiled))
+    assert "Ran out of memory when regular VAE decoding" in caplog.text, "ComfyUI's own tiles ran first"
+    assert ("MemKit tiled decode ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB) with untiled"
+            in caplog.text)
+    assert torch.equal(out, expected), "the retry decoded MemKit tiles of half the longer side"
+
+
 def test_a_latent_stage_that_does_not_fit_runs_per_tile(sd_vae, caplog):
     from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
     from comfyui_memkit.vae_tiling.plan import TileSettings
+    from comfyui_memkit.vae_tiling.stages import KLStages
 
     decoder = TiledVAEDecoder(sd_vae)
     shape = (1, 4, 80, 80)
-    need = decoder.latent_stage_memory(shape, "kl-staged")
+    need = decoder.latent_stage_memory(shape, KLStages)
     assert need == 80 * 80 * 512 * 4 * 11 + 32 * 2**20  # activations, and the attention scores held at once
     with caplog.at_level("INFO"):
         plan = decoder.plan(shape, TileSettings(256, 256, 192, 192), free_memory=need - 1)
-    assert plan.method == "whole-model"
+    assert plan.method.name == "whole-model"
     assert not plan.precise
     assert "latent stage" in caplog.text
-    assert decoder.plan(shape, TileSettings(256, 256, 192, 192), free_memory=need * 2).method == "kl-staged"
+    assert decoder.plan(shape, TileSettings(256, 256, 192, 192), free_memory=need * 2).method.name == "kl-staged"
 
 
 def test_a_split_that_no_longer_matches_comfyui_falls_back_to_whole_model_tiles(comfy_host, caplog):
@@ -311,7 +347,7 @@ def test_a_split_that_no_longer_matches_comfyui_falls_back_to_whole_model_tiles(
     latent = structured_latent((1, 4, 24, 40), SEED)
     decoder = decode_module.TiledVAEDecoder(vae, "fast")
     plan = decoder.plan(tuple(latent.shape), TileSettings(128, 128, 96, 96))
-    assert plan.method == "kl-staged"
+    assert plan.method.name == "kl-staged"
     with caplog.at_level("WARNING"), torch.inference_mode():
         out = decoder.decode(latent, plan)
         untiled = vae.decode(latent)
@@ -336,10 +372,10 @@ def test_the_first_use_check_also_covers_the_chunked_split_attention(comfy_host,
     real = stages_module.chunked_attention_block
     monkeypatch.setattr(decode_module, "_split_checked", {})
     monkeypatch.setattr(stages_module, "chunked_attention_block", lambda block, x, n: real(block, x, n) * 1.01)
-    assert decoder.split_matches_comfyui("kl-staged", precise=False) is False
+    assert decoder.split_matches_comfyui(stages_module.KLStages, precise=False) is False
     monkeypatch.setattr(decode_module, "_split_checked", {})
     monkeypatch.setattr(stages_module, "chunked_attention_block", real)
-    assert decoder.split_matches_comfyui("kl-staged", precise=False) is True
+    assert decoder.split_matches_comfyui(stages_module.KLStages, precise=False) is True
 
 
 def convolutions_are_fast_in(dtype: torch.dtype) -> bool:
@@ -399,7 +435,7 @@ def test_wan_has_no_groupnorm_so_precise_is_the_fast_path(wan_vae):
     from comfyui_memkit.vae_tiling.plan import TileSettings
 
     plan = TiledVAEDecoder(wan_vae, "precise").plan((1, 16, 3, 16, 24), TileSettings(96, 96, 64, 64))
-    assert plan.method == "wan-staged"
+    assert plan.method.name == "wan-staged"
     assert not plan.precise
 
 

@@ -1,4 +1,4 @@
-"""The tile planner and the blender, without ComfyUI."""
+"""The tile planner, the blender and the decode methods' facts, without ComfyUI."""
 
 from __future__ import annotations
 
@@ -160,3 +160,28 @@ def test_group_norm_with_whole_statistics_is_torchs_group_norm():
         assert torch.allclose(group_norm_with(x, norm, stats.finish(norm.eps)), norm(x), atol=1e-5)
         half = group_norm_with(x.to(torch.bfloat16), norm, stats.finish(norm.eps))
     assert half.dtype == torch.bfloat16
+
+
+def test_methods_keep_the_names_plans_and_logs_print_and_pair_each_split_with_its_whole_model():
+    from comfyui_memkit.vae_tiling.stages import METHODS, FrameCausal, KLStages, Volume, WanStages, WholeModel
+
+    assert [method.name for method in METHODS] == ["kl-staged", "whole-model", "wan-staged", "frame-causal", "volume"]
+    assert (KLStages.unsplit, WanStages.unsplit) == (WholeModel, FrameCausal)
+    assert all(method.unsplit is None for method in (WholeModel, FrameCausal, Volume))
+    assert [method for method in METHODS if method.frame_by_frame] == [WanStages, FrameCausal]
+    assert [method for method in METHODS if method.tiles_time] == [Volume]
+
+
+def test_a_vae_no_split_supports_decodes_with_the_whole_model():
+    from comfyui_memkit.vae_tiling.stages import Volume, WholeModel, method_for
+
+    model = torch.nn.Identity()
+    model.decode = lambda z: z * 2
+    assert method_for(model, 4) is WholeModel
+    assert method_for(model, 5) is Volume
+    with pytest.raises(ValueError, match="got 3-D"):
+        method_for(model, 3)
+    latent = torch.arange(12.0).view(1, 1, 3, 4)
+    window = (..., slice(1, 3), slice(0, 2))
+    assert torch.equal(WholeModel(model).tile_decoder(latent)(window), latent[window] * 2)
+    assert WholeModel(model).latent_stage_memory((1, 4, 64, 64), 4) == 0.0
