@@ -137,7 +137,8 @@ class StepCacheRun:
                                   model_sampling.percent_to_sigma(settings.end_percent))
         self.store = DiffStore(model_patcher.load_device, model_patcher.offload_device, settings.cache_device,
                                settings.store_dtype, settings.budget_bytes,
-                               free_memory=comfy.model_management.get_free_memory)
+                               free_memory=getattr(model_patcher, "get_free_memory", None)
+                               or comfy.model_management.get_free_memory)  # the patcher's own: 0.38's dynamic VRAM
         self._fresh_decisions()
         self.level: Level | None = None
         self.model_sampling: Any = None

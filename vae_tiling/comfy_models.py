@@ -13,11 +13,14 @@ from typing import Any
 import torch
 
 
-def free_memory(device: torch.device) -> float:
-    """What ComfyUI reports free on ``device``: what ``auto`` sizes tiles from."""
+def free_memory(vae: Any) -> float:
+    """What ComfyUI reports free on the VAE's device: what ``auto`` sizes tiles from. ComfyUI 0.38's
+    dynamic VRAM counts what it can evict through the model's own patcher (``get_free_memory`` on
+    the plain module under-reports there); older ComfyUI has only the module's."""
     from comfy import model_management
 
-    return model_management.get_free_memory(device)
+    own = getattr(getattr(vae, "patcher", None), "get_free_memory", None)
+    return own(vae.device) if callable(own) else model_management.get_free_memory(vae.device)
 
 
 def load(vae: Any, memory_required: float) -> None:
@@ -50,13 +53,17 @@ def raise_if_interrupted() -> None:
     model_management.throw_exception_if_processing_interrupted()
 
 
-def out_of_memory_errors() -> tuple[type[BaseException], ...]:
-    """ComfyUI's ``OOM_EXCEPTION``; none where this torch has no such type (ComfyUI then names
-    ``Exception``, and retrying every error with smaller tiles would hide real ones)."""
+def is_out_of_memory(error: BaseException) -> bool:
+    """ComfyUI's own test where it has one (``is_oom``, ComfyUI 0.38: also a ``torch.AcceleratorError``
+    out of memory), else its ``OOM_EXCEPTION``; never true where this torch has no such type (ComfyUI
+    then names ``Exception``, and retrying every error with smaller tiles would hide real ones)."""
     from comfy import model_management
 
-    error = model_management.OOM_EXCEPTION
-    return (error,) if error is not Exception else ()
+    check = getattr(model_management, "is_oom", None)
+    if callable(check):
+        return bool(check(error))
+    kind = model_management.OOM_EXCEPTION
+    return kind is not Exception and isinstance(error, kind)
 
 
 def progress_bar(total: int) -> Callable[[int, int], None]:
@@ -71,3 +78,11 @@ def wan_vae_module() -> ModuleType:
     from comfy.ldm.wan import vae
 
     return vae
+
+
+def wan_cache_layers(decoder: torch.nn.Module) -> int:
+    """How many causal-cache slots a Wan decoder needs (``count_conv3d``; ``count_cache_layers`` from
+    ComfyUI 0.38, which counts its 3-D resamplers too)."""
+    module = wan_vae_module()
+    count = getattr(module, "count_cache_layers", None) or module.count_conv3d
+    return count(decoder)

@@ -99,7 +99,7 @@ def tiled_decode(vae: Any, samples: torch.Tensor, settings: TileSettings | None,
     plan = decoder.plan(shape, settings, free_memory=decoder.prepare(shape))
     images = decoder.decode_with_retries(samples, plan, progress=comfy_models.progress_bar(plan.tiles * shape[0]),
                                          check=comfy_models.raise_if_interrupted,
-                                         out_of_memory=comfy_models.out_of_memory_errors())
+                                         out_of_memory=comfy_models.is_out_of_memory)
     if images.ndim == 5:  # frames as the batch, as VAEDecode does
         images = images.reshape(-1, *images.shape[-3:])
     return images
@@ -140,7 +140,7 @@ class TiledVAEDecoder:
         """
         method = method or self.method(len(shape))
         if free_memory is None:
-            free_memory = comfy_models.free_memory(self.vae.device)
+            free_memory = comfy_models.free_memory(self.vae)
         latent_stage = self.latent_stage_memory(shape, method)
         if method.unsplit is not None and latent_stage > free_memory:
             log.info("MemKit tiled decode: the latent stage of %s needs about %.0f MB, more than the %.0f MB free; "
@@ -195,7 +195,7 @@ class TiledVAEDecoder:
         (as VAEDecode does, so ComfyUI offloads other models first), and return the free memory
         there afterwards: what ``auto`` sizes tiles from."""
         comfy_models.load(self.vae, self._memory_for(shape, self.method(len(shape))))
-        return comfy_models.free_memory(self.vae.device)
+        return comfy_models.free_memory(self.vae)
 
     # ---- checking the split against ComfyUI ---------------------------------------------------
 
@@ -312,8 +312,9 @@ class TiledVAEDecoder:
 
     def decode_with_retries(self, samples: torch.Tensor, plan: DecodePlan, progress: Progress | None = None,
                             check: Check | None = None,
-                            out_of_memory: tuple[type[BaseException], ...] = ()) -> torch.Tensor:
-        """``decode``, and on ``out_of_memory`` (ComfyUI's ``OOM_EXCEPTION``) again with tiles of half
+                            out_of_memory: Callable[[BaseException], bool] = lambda error: False,
+                            ) -> torch.Tensor:
+        """``decode``, and on an error ``out_of_memory`` says is one (ComfyUI's test) again with tiles of half
         the side, down to the smallest that keeps the 64-px overlap, then with whole-model tiles,
         saying so in the log: a decode that a smaller tile fits never fails.
 
@@ -326,7 +327,9 @@ class TiledVAEDecoder:
         while True:
             try:
                 return self.decode(samples, plan, progress, check)
-            except out_of_memory as error:
+            except Exception as error:
+                if not out_of_memory(error):
+                    raise
                 attempts += 1
                 smaller = self._smaller(shape, plan)
                 if smaller is None:

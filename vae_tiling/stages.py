@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from .comfy_models import wan_vae_module
+from .comfy_models import wan_cache_layers, wan_vae_module
 
 TileDecoder = Callable[[tuple], torch.Tensor]
 """Decodes the tile at a window (an index into the latent) of the latent it was made for."""
@@ -253,7 +253,7 @@ class KLStages(Stages):
                 h = self._level_blocks(i_level, h)
             if i_level != 0:
                 h = d.up[i_level].upsample(h)
-        if d.give_pre_end:
+        if getattr(d, "give_pre_end", False):  # gone in ComfyUI 0.38 (never set by its VAEs)
             return h
         h = d.conv_out(torch.nn.functional.silu(d.norm_out(h)))
         return torch.tanh(h) if d.tanh_out else h
@@ -295,7 +295,7 @@ class WanStages(Stages):
         return self.decoder.conv1.out_channels
 
     def _cache(self) -> list:
-        return [None] * wan_vae_module().count_conv3d(self.decoder)
+        return [None] * wan_cache_layers(self.decoder)
 
     @staticmethod
     def _causal(conv: torch.nn.Module, x: torch.Tensor, cache: list, index: list[int]) -> torch.Tensor:

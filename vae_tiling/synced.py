@@ -135,7 +135,7 @@ class SyncedKLDecoder:
             return False
         decoder = method.decoder
         return (all(len(decoder.up[i].attn) == 0 for i in range(decoder.num_resolutions - 1))
-                and hasattr(decoder.norm_out, "num_groups") and not decoder.give_pre_end)
+                and hasattr(decoder.norm_out, "num_groups") and not getattr(decoder, "give_pre_end", False))
 
     def ticks(self) -> int:
         """How many progress ticks each tile makes (two per ResNet block, one per other step)."""

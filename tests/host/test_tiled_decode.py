@@ -245,6 +245,9 @@ def test_out_of_memory_retries_with_smaller_tiles_then_whole_model_tiles(sd_vae,
     class SimulatedOutOfMemoryError(RuntimeError):
         pass
 
+    def simulated(error: BaseException) -> bool:
+        return isinstance(error, SimulatedOutOfMemoryError)
+
     class TightDevice(TiledVAEDecoder):
         """Raises like a GPU out of memory for tiles larger than ``limit`` latent positions per side."""
 
@@ -261,18 +264,18 @@ def test_out_of_memory_retries_with_smaller_tiles_then_whole_model_tiles(sd_vae,
     decoder = TightDevice(sd_vae, "fast")
     plan = decoder.plan(tuple(latent.shape), TileSettings(256, 256, 192, 192))
     with torch.inference_mode(), caplog.at_level("WARNING"):
-        out = decoder.decode_with_retries(latent, plan, out_of_memory=(SimulatedOutOfMemoryError,))
+        out = decoder.decode_with_retries(latent, plan, out_of_memory=simulated)
         expected = TiledVAEDecoder(sd_vae, "fast").decode(latent, decoder._smaller(tuple(latent.shape), plan))
     assert torch.equal(out, expected), "the retry decoded the half-size plan"
     assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in caplog.text
     decoder.split_ok, decoder.limit = False, 64  # the split fails at every size: whole-model tiles
     with torch.inference_mode():
-        out = decoder.decode_with_retries(latent, plan, out_of_memory=(SimulatedOutOfMemoryError,))
+        out = decoder.decode_with_retries(latent, plan, out_of_memory=simulated)
     assert out.shape == (1, 192, 320, 3)
     assert "whole-model" in caplog.text
     decoder.limit = 0  # nothing fits: the error reaches ComfyUI
     with pytest.raises(SimulatedOutOfMemoryError), torch.inference_mode():
-        decoder.decode_with_retries(latent, plan, out_of_memory=(SimulatedOutOfMemoryError,))
+        decoder.decode_with_retries(latent, plan, out_of_memory=simulated)
 
 
 def test_out_of_memory_in_comfyuis_own_fallback_tiles_retries_with_ours(sd_vae, monkeypatch, caplog):
@@ -459,3 +462,47 @@ def test_the_latent_stage_runs_split_attention_in_bounded_chunks_of_queries(sd_v
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
     scores = 2 * 1600 * 1600 * 4
     assert at_once.peak - in_chunks.peak > 0.8 * scores, (at_once.peak, in_chunks.peak)
+
+
+# --- ComfyUI 0.38, read not run: what its VAE code changed, simulated on 0.3.75's real modules ----------
+
+def test_a_kl_decoder_without_give_pre_end_still_decodes_precise_tiles(sd_vae, monkeypatch):
+    """ComfyUI 0.38's Decoder has no ``give_pre_end``: reading it must not fail the node, and the
+    precise (split) decoder stays in use."""
+    from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
+    from comfyui_memkit.vae_tiling.plan import TileSettings
+
+    monkeypatch.delattr(sd_vae.first_stage_model.decoder, "give_pre_end")
+    latent = structured_latent((1, 4, 24, 40), SEED)
+    decoder = TiledVAEDecoder(sd_vae, "precise")
+    plan = decoder.plan(tuple(latent.shape), TileSettings(256, 256, 192, 192))
+    assert plan.grid is not None
+    assert plan.precise, plan.describe()
+    with torch.inference_mode():
+        assert torch.isfinite(decoder.decode(latent, plan)).all()
+
+
+def test_the_wan_cache_is_sized_by_whichever_counter_this_comfyui_has(wan_vae, monkeypatch):
+    from comfy.ldm.wan import vae as wan
+
+    from comfyui_memkit.vae_tiling.comfy_models import wan_cache_layers
+
+    decoder = wan_vae.first_stage_model.decoder
+    assert wan_cache_layers(decoder) == wan.count_conv3d(decoder) > 0
+    monkeypatch.setattr(wan, "count_cache_layers", lambda d: 99, raising=False)  # ComfyUI 0.38's name
+    assert wan_cache_layers(decoder) == 99
+
+
+def test_out_of_memory_and_free_memory_are_comfyuis_own_where_it_has_them(sd_vae, monkeypatch):
+    import comfy.model_management as mm
+
+    from comfyui_memkit.vae_tiling import comfy_models
+
+    assert not comfy_models.is_out_of_memory(ValueError("a real error"))
+    if mm.OOM_EXCEPTION is not Exception:
+        assert comfy_models.is_out_of_memory(mm.OOM_EXCEPTION("CUDA out of memory"))
+    monkeypatch.setattr(mm, "is_oom", lambda error: "out of memory" in str(error), raising=False)  # 0.38
+    assert comfy_models.is_out_of_memory(RuntimeError("CUDA error: out of memory"))  # an AcceleratorError's
+    assert comfy_models.free_memory(sd_vae) > 0  # the module's, on 0.3.75 (it moves: no equality)
+    monkeypatch.setattr(sd_vae.patcher, "get_free_memory", lambda device: 123, raising=False)  # dynamic VRAM
+    assert comfy_models.free_memory(sd_vae) == 123
