@@ -24,7 +24,7 @@ from ..model_cache.bounded import cut, shown
 from ..model_cache.config import check_model_name
 from ..model_cache.service import MemKitService, get_service
 from ..model_cache.status import build_status, readiness
-from . import route_guard, status_push
+from . import route_guard, status_push, template_thumbnails
 from .preload_queue import start_background_preload
 from .release_queue import queue_release
 
@@ -320,5 +320,6 @@ async def free_memory_observer(request: web.Request, handler):
 def install(server: Any) -> None:
     """Register our routes and the /free observer on ComfyUI's PromptServer."""
     register_routes(server.routes)
+    template_thumbnails.register_routes(server.routes)
     server.app.middlewares.append(free_memory_observer)
     status_push.install(server)

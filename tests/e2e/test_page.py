@@ -20,6 +20,8 @@ import os
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -434,3 +436,16 @@ def test_the_export_script_on_this_page_writes_the_committed_api_files(page):
     every UI workflow is byte for byte its file in workflows/api/ (the tests above check that the
     page queues that file's prompt from the template browser)."""
     assert export_workflows.export_all(lambda graph: export_workflows.page_export(page, graph), check=True) == []
+
+
+def test_template_thumbnails_are_served_where_comfyui_serves_only_the_json(server):
+    """ComfyUI 0.38 serves a template's .json only; MemKit's own route serves the .jpg (on 0.3.75 the
+    path without /api is MemKit's alone: ComfyUI's static route is under /api). Only plain names."""
+    base = f"{server.url}/workflow_templates/{PACKAGE_LINK_NAME}"
+    for name in UI_WORKFLOWS:
+        with urllib.request.urlopen(f"{base}/{name}.jpg", timeout=60) as answer:
+            assert answer.read() == (REPO / "workflows" / f"{name}.jpg").read_bytes(), name
+    for bad in ("nothing-here", "..%2Fpyproject", "%2E%2E%2F__init__", "api%2Fmemkit_cache_info"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/{bad}.jpg", timeout=60)
+        assert refused.value.code == 404, bad
