@@ -466,16 +466,18 @@ def test_the_latent_stage_runs_split_attention_in_bounded_chunks_of_queries(sd_v
 
 # --- ComfyUI 0.38, read not run: what its VAE code changed, simulated on 0.3.75's real modules ----------
 
-def test_a_kl_decoder_without_give_pre_end_still_decodes_precise_tiles(sd_vae, monkeypatch):
-    """ComfyUI 0.38's Decoder has no ``give_pre_end``: reading it must not fail the node, and the
-    precise (split) decoder stays in use."""
+def test_a_kl_decoder_without_give_pre_end_still_plans_precise_tiles(sd_vae, monkeypatch):
+    """ComfyUI 0.38's Decoder has no ``give_pre_end``: planning (which asks whether the precise
+    decoder fits this VAE) must not fail the node there, and the precise decoder stays chosen. The
+    decode itself is then run with the attribute back: 0.3.75's own forward reads it."""
     from comfyui_memkit.vae_tiling.decode import TiledVAEDecoder
     from comfyui_memkit.vae_tiling.plan import TileSettings
 
-    monkeypatch.delattr(sd_vae.first_stage_model.decoder, "give_pre_end")
     latent = structured_latent((1, 4, 24, 40), SEED)
     decoder = TiledVAEDecoder(sd_vae, "precise")
+    monkeypatch.delattr(sd_vae.first_stage_model.decoder, "give_pre_end")
     plan = decoder.plan(tuple(latent.shape), TileSettings(256, 256, 192, 192))
+    monkeypatch.undo()
     assert plan.grid is not None
     assert plan.precise, plan.describe()
     with torch.inference_mode():
