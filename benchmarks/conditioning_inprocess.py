@@ -48,6 +48,7 @@ def main() -> None:
     from cache_inprocess import evict_from_page_cache
 
     from comfyui_memkit.model_cache.config import PreloadConfig
+    from comfyui_memkit.model_cache.loads import Load
     from comfyui_memkit.model_cache.recipe import ModelKind
     from comfyui_memkit.model_cache.service import reset_service
     from comfyui_memkit.nodes.conditioning import MemKitTextEncode, MemKitTextEncodeByName
@@ -78,7 +79,8 @@ def main() -> None:
         encode.encode(clip, TEXT)  # first-call costs
         result["clip_text_encode_seconds"] = timed(lambda: encode.encode(clip, TEXT), 5)
         service = reset_service(PreloadConfig(path=None))
-        memkit_clip = service.checkout(ModelKind.TEXT_ENCODER, names, {"type": clip_type, "device": "default"})[0]
+        memkit_clip = service.checkout(Load.loader(ModelKind.TEXT_ENCODER, names,
+                                                    {"type": clip_type, "device": "default"}))[0]
         result["memkit_miss_seconds"] = timed(lambda: MemKitTextEncode.execute(memkit_clip, TEXT))
         result["memkit_ram_hit_seconds"] = timed(lambda: MemKitTextEncode.execute(memkit_clip, TEXT), 200)
         service = reset_service(PreloadConfig(path=None))  # by name: the miss loads the encoder itself
@@ -98,7 +100,8 @@ def main() -> None:
         result["by_name_later_disk_hit_seconds"] = statistics.median(later)
         result["by_name_disk_hit_loads"] = service.cache.loads
         started = time.perf_counter()
-        memkit_clip = service.checkout(ModelKind.TEXT_ENCODER, names, {"type": clip_type, "device": "default"})[0]
+        memkit_clip = service.checkout(Load.loader(ModelKind.TEXT_ENCODER, names,
+                                                    {"type": clip_type, "device": "default"}))[0]
         MemKitTextEncode.execute(memkit_clip, TEXT)
         result["memkit_disk_hit_with_load_seconds"] = time.perf_counter() - started
         result["report"] = service.conditioning.report()

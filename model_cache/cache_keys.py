@@ -1,41 +1,30 @@
 """Cache keys: the readable names that selectors offer and status shows.
 
-One function names an entry (``default_cache_key``) and one registry remembers what a selector may
-offer: the enabled config entries, then the models loaded successfully since start-up. A load
-that failed is not offered (it would fail again); the registry is read by ``/object_info`` and
-the nodes while the preload writes it, hence the lock.
+A load comes with its default name (``Load.name``); a config entry's ``cache_key`` replaces it.
+One registry remembers what a selector may offer: the enabled config entries, then the models
+loaded successfully since start-up. A load that failed is not offered (it would fail again); the
+registry is read by ``/object_info`` and the nodes while the preload writes it, hence the lock.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 
 from .config import PreloadEntry
+from .loads import Load
 from .recipe import ModelKind
 
 
-def default_cache_key(kind: ModelKind, names: list[str] | tuple[str, ...], options: dict[str, str]) -> str:
-    """``kind:file[+file][opt=value,...]`` with the names as ComfyUI lists them; defaults left out.
-    A node load reads ``node:NodeId(input=value,...)``."""
-    if kind is ModelKind.NODE:
-        inputs = json.loads(options.get("inputs", "{}"))
-        return f"node:{options.get('node', '?')}(" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items())) + ")"
-    shown = [f"{k}={v}" for k, v in sorted(options.items()) if v not in ("default", "")]
-    return f"{kind.value}:{'+'.join(names)}" + (f"[{','.join(shown)}]" if shown else "")
-
-
 def entry_cache_key(entry: PreloadEntry) -> str:
-    return entry.cache_key or default_cache_key(entry.kind, entry.file_names(), entry.load_options())
+    return entry.cache_key or entry.load().name
 
 
 @dataclass(frozen=True)
 class KnownLoad:
     """How to load what a cache key names."""
 
-    names: tuple[str, ...]
-    options: tuple[tuple[str, str], ...]
+    load: Load
     pinned: bool
 
 
@@ -49,26 +38,23 @@ class CacheKeyRegistry:
     def __init__(self, configured: list[PreloadEntry]) -> None:
         self._lock = threading.Lock()
         self._configured: dict[tuple[ModelKind, str], KnownLoad] = {
-            (e.kind, entry_cache_key(e)): KnownLoad(tuple(e.file_names()), tuple(sorted(e.load_options().items())),
-                                                e.pinned)
-            for e in configured
+            (e.kind, entry_cache_key(e)): KnownLoad(e.load(), e.pinned) for e in configured
         }
         self._loaded: dict[tuple[ModelKind, str], KnownLoad] = {}
 
-    def cache_key_for(self, kind: ModelKind, names: list[str], options: dict[str, str]) -> str:
-        """The configured cache key when a config entry describes this load, else a readable name."""
-        wanted = (tuple(names), tuple(sorted(options.items())))
-        for (entry_kind, cache_key), known in self._configured.items():
-            if entry_kind is kind and (known.names, known.options) == wanted:
+    def cache_key_for(self, load: Load) -> str:
+        """The configured cache key when a config entry makes the same call, else the load's own name."""
+        for (kind, cache_key), known in self._configured.items():
+            if kind is load.kind and known.load.call == load.call:
                 return cache_key
-        return default_cache_key(kind, names, options)
+        return load.name
 
-    def remember(self, kind: ModelKind, cache_key: str, names: list[str], options: dict[str, str]) -> None:
+    def remember(self, cache_key: str, load: Load) -> None:
         """A successful load: offer its key from now on."""
-        if (kind, cache_key) in self._configured:
+        if (load.kind, cache_key) in self._configured:
             return
         with self._lock:
-            self._loaded[(kind, cache_key)] = KnownLoad(tuple(names), tuple(sorted(options.items())), False)
+            self._loaded[(load.kind, cache_key)] = KnownLoad(load, False)
 
     def known(self, kind: ModelKind) -> dict[str, KnownLoad]:
         """Configured keys first (config order), then loaded ones; a snapshot, safe to iterate."""

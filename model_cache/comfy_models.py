@@ -1,11 +1,11 @@
 """The ComfyUI side of the cache: load exactly as ComfyUI's loaders do, measure, clone, place.
 
-Every miss calls ComfyUI's own loader node by its id (``CheckpointLoaderSimple``, ``UNETLoader``,
-``VAELoader``, ``CLIPLoader``, ``DualCLIPLoader``, ``TripleCLIPLoader``) through the node
-registry, V1 or V3 alike, so a cached model is the model ComfyUI would have built, in whatever
-ComfyUI version runs. Every ComfyUI symbol the cache uses is imported in this module only, also
-the reads of the running ComfyUI (the prompt it executes, its RAM-pressure headroom), each of
-which falls back to a safe answer when a version lacks it.
+Every miss calls a ComfyUI node by its id (for the four kinds ComfyUI's own
+``CheckpointLoaderSimple``, ``UNETLoader``, ``VAELoader``, ``CLIPLoader``, ``DualCLIPLoader``,
+``TripleCLIPLoader``) through the node registry, V1 or V3 alike, so a cached model is the model
+ComfyUI would have built, in whatever ComfyUI version runs. Every ComfyUI symbol the cache uses is
+imported in this module only, also the reads of the running ComfyUI (the prompt it executes, its
+RAM-pressure headroom), each of which falls back to a safe answer when a version lacks it.
 
 Thread rule: ``load`` may run before ComfyUI's prompt worker starts or on the executing thread;
 ``place_on_device``, ``raise_interrupt``, ``progress_bar`` and ``prompt_token`` only on the
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .cache import Footprint
-from .recipe import ModelKind
+from .recipe import ModelKind, NodeCall
 
 NONE_NAME = "none"
 
@@ -152,32 +152,9 @@ def call_node(node_id: str, **inputs: Any) -> tuple[Any, ...]:
     return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
 
 
-def load(kind: ModelKind, names: list[str], options: dict[str, str]) -> LoadedValue:
-    """Load through ComfyUI's own loader node for this kind; the parts it returns, as it returns them."""
-    if kind is ModelKind.CHECKPOINT:
-        parts = call_node("CheckpointLoaderSimple", ckpt_name=names[0])[:3]
-    elif kind is ModelKind.DIFFUSION_MODEL:
-        parts = call_node("UNETLoader", unet_name=names[0], weight_dtype=options.get("weight_dtype", "default"))[:1]
-    elif kind is ModelKind.VAE:
-        parts = call_node("VAELoader", vae_name=names[0])[:1]
-    elif kind is ModelKind.NODE:
-        parts = call_node(options["node"], **json.loads(options["inputs"]))
-    else:
-        parts = _load_text_encoders(names, options)
-    return LoadedValue(tuple(parts))
-
-
-def _load_text_encoders(names: list[str], options: dict[str, str]) -> tuple[Any, ...]:
-    clip_type, device = options.get("type", "stable_diffusion"), options.get("device", "default")
-    if len(names) == 1:
-        return call_node("CLIPLoader", clip_name=names[0], type=clip_type, device=device)[:1]
-    if len(names) == 2:
-        return call_node("DualCLIPLoader", clip_name1=names[0], clip_name2=names[1], type=clip_type,
-                         device=device)[:1]
-    if device != "default":
-        raise ValueError("three text encoders load through ComfyUI's TripleCLIPLoader, which has no device "
-                         f"input; use device 'default', not {device!r}")
-    return call_node("TripleCLIPLoader", clip_name1=names[0], clip_name2=names[1], clip_name3=names[2])[:1]
+def load(call: NodeCall, outputs: int | None = None) -> LoadedValue:
+    """Call the node; its first ``outputs`` parts (all for None), as it returns them."""
+    return LoadedValue(call_node(call.node, **call.kwargs())[:outputs])
 
 
 def is_empty(value: LoadedValue) -> bool:
@@ -408,7 +385,7 @@ def expected_ram(recipe: Any) -> int:
     and the VAE in float32, so 16-bit weights double (text encoders stay 16-bit); an fp8
     ``weight_dtype`` stores one byte. Other formats (GGUF, .ckpt): the file size."""
     on_cpu = _compute_on_cpu()
-    weight_dtype = dict(recipe.options).get("weight_dtype", "default")
+    weight_dtype = recipe.call.kwargs().get("weight_dtype", "default")
     total = 0
     for path, identity in zip(recipe.paths, recipe.identities):
         header = _safetensors_header(path) if path.endswith(".safetensors") else None

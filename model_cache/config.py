@@ -32,7 +32,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .bounded import cut, shown
-from .node_inputs import canonical_inputs
+from .loads import Load
 from .recipe import ModelKind
 
 log = logging.getLogger("memkit.config")
@@ -134,6 +134,12 @@ class _Entry(BaseModel):
 
     def load_options(self) -> dict[str, str]:
         return {}
+
+    def load(self) -> Load:
+        """What this entry loads: the sections of the four kinds are sugar for ComfyUI's own loaders."""
+        return Load.loader(self.kind, self.file_names(), self.load_options())
+
+
 class CheckpointEntry(_Entry):
     kind: ClassVar[ModelKind] = ModelKind.CHECKPOINT
     name: str
@@ -230,13 +236,8 @@ class NodeEntry(_Entry):
     def file_names(self) -> list[str]:
         return []  # found among the inputs once the node's schema is known
 
-    def load_options(self) -> dict[str, str]:
-        return node_load_options(self.node, self.inputs)
-
-
-def node_load_options(node_id: str, inputs: dict[str, object]) -> dict[str, str]:
-    """How a node load is written into a recipe's options (and so into its cache key)."""
-    return {"node": node_id, "inputs": canonical_inputs(inputs)}
+    def load(self) -> Load:
+        return Load.node(self.node, self.inputs)
 
 
 ENTRY_TYPES: dict[str, type[_Entry]] = {

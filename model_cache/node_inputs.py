@@ -10,7 +10,6 @@ Pure: the schema comes in as the plain dict ``INPUT_TYPES()`` returns.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -97,8 +96,3 @@ def check_node_inputs(node_id: str, input_types: dict[str, Any], inputs: dict[st
     if problems:
         raise NodeInputsError(problems)
     return resolved
-
-
-def canonical_inputs(inputs: dict[str, Any]) -> str:
-    """One text per set of inputs (sorted keys): part of the cache key of a node load."""
-    return json.dumps(inputs, sort_keys=True, separators=(",", ":"))

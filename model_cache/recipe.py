@@ -1,13 +1,14 @@
 """What makes two loads the same: the load recipe, the key of every cache entry.
 
-A recipe is the kind of model, the resolved file paths, each file's identity on disk and every
-load option. Two requests share an entry only when all of these match, so a file replaced on disk
-or a different weight dtype never gets a stale model. A file's identity is its size, mtime, inode
-and ctime (all from one ``stat``): a copy over it that keeps size and mtime (``cp -p``,
-``rsync -t``) still brings a new inode or ctime, which no program can set back, so it is a new key
-without hashing the contents. ``hash_contents`` adds a SHA-256 for filesystems that report no real
-inode or ctime, and for Windows, where ``st_ctime`` is the creation time (an in-place rewrite that
-sets the mtime back is seen only by the hash there).
+Every load is a call of a ComfyUI node (``NodeCall``: the node id and its canonical inputs). A
+recipe is that call under its kind's label, the resolved paths of the files among its inputs and
+each file's identity on disk. Two requests share an entry only when all of these match, so a file
+replaced on disk or a different weight dtype never gets a stale model. A file's identity is its
+size, mtime, inode and ctime (all from one ``stat``): a copy over it that keeps size and mtime
+(``cp -p``, ``rsync -t``) still brings a new inode or ctime, which no program can set back, so it
+is a new key without hashing the contents. ``hash_contents`` adds a SHA-256 for filesystems that
+report no real inode or ctime, and for Windows, where ``st_ctime`` is the creation time (an
+in-place rewrite that sets the mtime back is seen only by the hash there).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class ModelKind(str, Enum):
+    """A load's label: its config section, selector, output types and status row. What is loaded
+    is the node call; the kind only says which of its outputs are kept."""
+
     CHECKPOINT = "checkpoint"
     TEXT_ENCODER = "text_encoder"
     DIFFUSION_MODEL = "diffusion_model"
@@ -38,12 +44,46 @@ class ModelKind(str, Enum):
         """The preload_config.json section that lists this kind."""
         return _SECTIONS[self]
 
+    @property
+    def kept_outputs(self) -> int | None:
+        """How many of its node's outputs an entry keeps: what the kind's selector hands out
+        (MODEL, CLIP, VAE for a checkpoint; one for the other loaders); None for NODE, whose
+        outputs are all handed out in the node's order."""
+        return _KEPT_OUTPUTS.get(self)
+
 
 _FOLDERS = {ModelKind.CHECKPOINT: "checkpoints", ModelKind.TEXT_ENCODER: "text_encoders",
             ModelKind.DIFFUSION_MODEL: "diffusion_models", ModelKind.VAE: "vae"}
 _SECTIONS = {ModelKind.CHECKPOINT: "checkpoints", ModelKind.TEXT_ENCODER: "text_encoders",
              ModelKind.DIFFUSION_MODEL: "diffusion_models", ModelKind.VAE: "vaes",
              ModelKind.NODE: "nodes"}
+_KEPT_OUTPUTS = {ModelKind.CHECKPOINT: 3, ModelKind.TEXT_ENCODER: 1, ModelKind.DIFFUSION_MODEL: 1, ModelKind.VAE: 1}
+
+
+@dataclass(frozen=True)
+class NodeCall:
+    """A ComfyUI node and the inputs it is called with, sorted by name.
+
+    Compared and hashed by ``canonical`` (one JSON text per call), so inputs such as ``1``,
+    ``1.0`` and ``true``, which a node may treat differently, never make the same call."""
+
+    node: str
+    inputs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+    canonical: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        inputs = tuple(sorted(self.inputs, key=lambda item: item[0]))
+        object.__setattr__(self, "inputs", inputs)
+        canonical = json.dumps([self.node, dict(inputs)], sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "canonical", canonical)
+
+    @classmethod
+    def of(cls, node: str, inputs: Mapping[str, Any]) -> NodeCall:
+        return cls(node, tuple(inputs.items()))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The inputs as the node's function takes them."""
+        return dict(self.inputs)
 
 
 @dataclass(frozen=True)
@@ -97,18 +137,19 @@ def _sha256_of(path: str) -> str:
 
 @dataclass(frozen=True)
 class LoadRecipe:
-    """Everything that decides what a load produces."""
+    """Everything that decides what a load produces: the node call (its inputs as they are passed),
+    the kind (which of the node's outputs are kept), the files among the inputs and their identity."""
 
     kind: ModelKind
+    call: NodeCall
     paths: tuple[str, ...]
     identities: tuple[FileIdentity, ...]
-    options: tuple[tuple[str, str], ...] = ()
     key: str = field(init=False, compare=False)
     lineage: str = field(init=False, compare=False)
     portable_key: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        lineage = json.dumps([self.kind.value, list(self.paths), [list(o) for o in self.options]])
+        lineage = json.dumps([self.kind.value, self.call.canonical, list(self.paths)])
         identity = json.dumps([[i.size, i.mtime_ns, i.inode, i.ctime_ns, i.sha256] for i in self.identities])
         object.__setattr__(self, "lineage", hashlib.sha256(lineage.encode()).hexdigest()[:16])
         object.__setattr__(self, "key", hashlib.sha256((lineage + identity).encode()).hexdigest()[:16])
@@ -118,15 +159,10 @@ class LoadRecipe:
         object.__setattr__(self, "portable_key", hashlib.sha256((lineage + portable).encode()).hexdigest()[:16])
 
     @classmethod
-    def build(cls, kind: ModelKind, paths: list[str] | tuple[str, ...], options: dict[str, object],
+    def build(cls, kind: ModelKind, call: NodeCall, paths: list[str] | tuple[str, ...],
               reader: FileIdentityReader) -> LoadRecipe:
         resolved = tuple(os.path.realpath(p) for p in paths)
-        return cls(
-            kind=kind,
-            paths=resolved,
-            identities=tuple(reader.read(p) for p in resolved),
-            options=tuple(sorted((k, str(v)) for k, v in options.items())),
-        )
+        return cls(kind=kind, call=call, paths=resolved, identities=tuple(reader.read(p) for p in resolved))
 
     @property
     def file_bytes(self) -> int:

@@ -28,10 +28,11 @@ from .bounded import cut, listed
 from .cache import CacheLoadError, LoadOutcome, LoadWaitInterruptedError, ModelCache
 from .cache_keys import CacheKeyRegistry, entry_cache_key
 from .conditioning import Conditioning, ConditioningCache, conditioning_key
-from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config, node_load_options
+from .config import HostChoices, PreloadConfig, PreloadEntry, load_config, locate_config
+from .loads import Load
 from .node_inputs import NodeInputsError, check_node_inputs
 from .preload import PreloadState
-from .recipe import FileIdentityReader, LoadRecipe, ModelKind
+from .recipe import FileIdentityReader, LoadRecipe, ModelKind, NodeCall
 
 log = logging.getLogger("memkit")
 
@@ -98,42 +99,45 @@ class MemKitService:
 
     # --- loading --------------------------------------------------------------------------
 
-    def recipe(self, kind: ModelKind, names: list[str], options: dict[str, str]) -> LoadRecipe:
-        if kind is ModelKind.NODE:
-            return self._node_recipe(options)
-        paths = []
-        for name in names:
-            path = comfy_models.resolve(kind, name)
-            if path is None:
-                raise ModelNotFoundError(f"{kind.value} {name!r} is not a file in ComfyUI's '{kind.folder}' "
-                                         "model folders")
-            paths.append(path)
-        return LoadRecipe.build(kind, paths, options, self.identities)
+    def recipe(self, load: Load) -> LoadRecipe:
+        """The load's node call and the identity of the files among its inputs. A kind's own loader
+        names its files, looked up in the kind's folders (ModelNotFoundError when one is gone, so a
+        copy already loaded can be served); a node called by id may be any node with any inputs, so
+        they are checked against its schema (defaults filled in, as the page does) and its files are
+        found among them."""
+        if load.kind is not ModelKind.NODE:
+            return LoadRecipe.build(load.kind, load.call, [self._path(load.kind, name) for name in load.files],
+                                    self.identities)
+        call = self._checked(load.call)
+        return LoadRecipe.build(load.kind, call, comfy_models.node_model_files(call.kwargs()), self.identities)
 
-    def _node_recipe(self, options: dict[str, str]) -> LoadRecipe:
-        """A node load: its inputs checked against the node's schema (defaults filled in), its
-        files found among them. Raises NodeLoadError naming the node and every bad field."""
-        node_id = options.get("node", "")
+    @staticmethod
+    def _path(kind: ModelKind, name: str) -> str:
+        path = comfy_models.resolve(kind, name)
+        if path is None:
+            raise ModelNotFoundError(f"{kind.value} {name!r} is not a file in ComfyUI's '{kind.folder}' model folders")
+        return path
+
+    @staticmethod
+    def _checked(call: NodeCall) -> NodeCall:
+        """The call with its inputs checked against the node's schema, defaults filled in. Raises
+        NodeLoadError naming the node and every bad field."""
         try:
-            inputs = check_node_inputs(node_id, comfy_models.node_input_types(node_id),
-                                       json.loads(options.get("inputs", "{}")))
+            inputs = check_node_inputs(call.node, comfy_models.node_input_types(call.node), call.kwargs())
         except (NodeInputsError, RuntimeError) as error:
-            raise NodeLoadError(f"{node_id}: {error}") from None
-        return LoadRecipe.build(ModelKind.NODE, comfy_models.node_model_files(inputs),
-                                node_load_options(node_id, inputs), self.identities)
+            raise NodeLoadError(f"{call.node}: {error}") from None
+        return NodeCall.of(call.node, inputs)
 
-    def request(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None, *,
-                cache_key: str | None = None, pinned: bool = False, use_token: object = None,
+    def request(self, load: Load, *, cache_key: str | None = None, pinned: bool = False, use_token: object = None,
                 executing_thread: bool = False) -> LoadOutcome:
-        """The cached value for these files and options, loading it through ComfyUI on a miss.
+        """The cached value of this load, loading it through ComfyUI on a miss.
 
         ``executing_thread``: the caller is ComfyUI's prompt worker, so a wait for another
         thread's load honours /interrupt and ``auto_gpu_load`` may place a new model.
         """
-        options = options or {}
-        cache_key = cache_key or self.cache_keys.cache_key_for(kind, names, options)
+        cache_key = cache_key or self.cache_keys.cache_key_for(load)
         try:
-            recipe = self.recipe(kind, names, options)
+            recipe = self.recipe(load)
         except (ModelNotFoundError, OSError) as gone:  # its file was removed (or cannot be read) meanwhile
             older = self.cache.serve_stale(None, cut(str(gone), 500), cache_key=cache_key, pinned=pinned,
                                            use_token=use_token)
@@ -144,21 +148,22 @@ class MemKitService:
             self.changed()
             return older
 
-        def load() -> comfy_models.LoadedValue:
-            try:  # a node load runs with its checked inputs (defaults filled in)
-                value = comfy_models.load(kind, names, dict(recipe.options) if kind is ModelKind.NODE else options)
+        def build() -> comfy_models.LoadedValue:
+            try:  # the recipe's call: a node's inputs as checked (defaults filled in)
+                value = comfy_models.load(recipe.call, recipe.kind.kept_outputs)
             except Exception as error:
                 if comfy_models.is_interrupt(error):  # an Exception before ComfyUI 0.20: not a failed load
                     raise
-                source = ", ".join(recipe.paths) or dict(recipe.options).get("node", "?")
-                raise ModelLoadError(f"could not load {kind.value} {cache_key} from {source}: {error}") from error
+                source = ", ".join(recipe.paths) or recipe.call.node
+                raise ModelLoadError(f"could not load {recipe.kind.value} {cache_key} from {source}: {error}") \
+                    from error
             if comfy_models.is_empty(value):
                 raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths) or cache_key}")
             value.key = recipe.portable_key  # what its conditionings are keyed on, on disk too
             return value
 
         try:
-            outcome = self.cache.get_or_load(recipe, load, cache_key=cache_key, pinned=pinned, use_token=use_token,
+            outcome = self.cache.get_or_load(recipe, build, cache_key=cache_key, pinned=pinned, use_token=use_token,
                                              interrupted=comfy_models.interrupted if executing_thread else None)
         except LoadWaitInterruptedError as stopped:
             log.warning("[memkit] interrupted: %s", stopped)
@@ -173,7 +178,7 @@ class MemKitService:
                         cache_key, cut(str(failed), 500))
             self.changed()
             return older
-        self.cache_keys.remember(kind, cache_key, names, options)
+        self.cache_keys.remember(cache_key, load)
         self.preload.clear_failure(cache_key)  # a successful load clears a failure, wherever it happened
         if executing_thread and not outcome.hit and self.config.settings.auto_gpu_load:
             comfy_models.place_on_device(outcome.value)
@@ -205,25 +210,24 @@ class MemKitService:
         yield token
         bar.update(1)
 
-    def checkout(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> tuple[Any, ...]:
+    def checkout(self, load: Load) -> tuple[Any, ...]:
         """What a loader node returns: clones of the cached parts (loaded on a miss)."""
         with self._node_turn() as token:
-            return self._clones(kind, names, options, token)
+            return self._clones(load, token)
 
-    def _clones(self, kind: ModelKind, names: list[str], options: dict[str, str] | None,
-                token: object) -> tuple[Any, ...]:
-        outcome = self.request(kind, names, options, use_token=token, executing_thread=True)
+    def _clones(self, load: Load, token: object) -> tuple[Any, ...]:
+        outcome = self.request(load, use_token=token, executing_thread=True)
         return comfy_models.clone(outcome.value)
 
     def checkout_by_cache_key(self, kind: ModelKind, cache_key: str) -> tuple[Any, ...]:
         """What a selector returns for a cache key; loads a known entry that is not cached (yet)."""
         with self._node_turn() as token:
             known = self.cache_keys.lookup(kind, cache_key)
-            outcome = self.request(kind, list(known.names), dict(known.options), cache_key=cache_key,
-                                   pinned=known.pinned, use_token=token, executing_thread=True)
+            outcome = self.request(known.load, cache_key=cache_key, pinned=known.pinned, use_token=token,
+                                   executing_thread=True)
             return comfy_models.clone(outcome.value)
 
-    def fingerprint(self, kind: ModelKind, names: list[str], options: dict[str, str] | None = None) -> str:
+    def fingerprint(self, load: Load) -> str:
         """The recipe key (it changes when a file changes on disk, so ComfyUI re-runs the loader).
 
         ComfyUI asks for it once per prompt even when its own output cache answers the node, so
@@ -232,7 +236,7 @@ class MemKitService:
         """
         self.release_evicted()
         try:
-            key = self.recipe(kind, names, options or {}).key
+            key = self.recipe(load).key
         except (ModelNotFoundError, NodeLoadError, OSError) as error:
             return f"missing:{error}"
         self.cache.touch(key, comfy_models.prompt_token())
@@ -242,7 +246,7 @@ class MemKitService:
         known = self.cache_keys.known(kind).get(cache_key)
         if known is None:
             return f"unknown:{cache_key}"
-        return self.fingerprint(kind, list(known.names), dict(known.options))
+        return self.fingerprint(known.load)
 
     # --- conditioning ---------------------------------------------------------------------
 
@@ -261,16 +265,16 @@ class MemKitService:
         self.conditioning.put(key, encoded, disk=stable)
         return encoded
 
-    def by_name_key(self, names: list[str], options: dict[str, str], text: str) -> tuple[str, str]:
+    def by_name_key(self, load: Load, text: str) -> tuple[str, str]:
         """The conditioning key of ``encode_by_name`` (reads the files' identity, loads nothing), and
         the device the encoder would load on."""
-        recipe = self.recipe(ModelKind.TEXT_ENCODER, names, options)
-        device, dtype = comfy_models.text_encoder_placement(options.get("device", "default"))
+        recipe = self.recipe(load)
+        device, dtype = comfy_models.text_encoder_placement(recipe.call.kwargs().get("device", "default"))
         identity = json.dumps(["by-name", recipe.portable_key, device, dtype, comfy_models.comfy_version()])
         return conditioning_key(identity, text), device
 
-    def encode_by_name(self, names: list[str], options: dict[str, str], text: str) -> Conditioning:
-        """CLIPTextEncode's output for the text encoder these files make, without loading the
+    def encode_by_name(self, load: Load, text: str) -> Conditioning:
+        """CLIPTextEncode's output for the text encoder this load makes, without loading the
         encoder when the conditioning is cached (RAM or disk). Executing thread: a miss loads the
         encoder through the cache (and caches it), then encodes.
 
@@ -278,11 +282,11 @@ class MemKitService:
         the device and dtype ComfyUI would load it with, ComfyUI's version and the exact text.
         """
         with self._node_turn() as token:
-            key, device = self.by_name_key(names, options, text)
+            key, device = self.by_name_key(load, text)
             found = self.conditioning.get(key, disk=True)
             if found is not None:
                 return found
-            clip = self._clones(ModelKind.TEXT_ENCODER, names, options, token)[0]
+            clip = self._clones(load, token)[0]
             encoded = comfy_models.encode_text(clip, text)
             # on disk only when the encoder really is where it was predicted to be (else: RAM, this run)
             self.conditioning.put(key, encoded, disk=comfy_models.clip_load_device(clip) == device)
@@ -372,8 +376,8 @@ class MemKitService:
             cache_key = entry_cache_key(entry)
             error = None
             try:
-                outcome = self.request(entry.kind, entry.file_names(), entry.load_options(), cache_key=cache_key,
-                                       pinned=entry.pinned, executing_thread=executing_thread)
+                outcome = self.request(entry.load(), cache_key=cache_key, pinned=entry.pinned,
+                                       executing_thread=executing_thread)
                 if executing_thread and outcome.hit and self.config.settings.auto_gpu_load:
                     comfy_models.place_on_device(outcome.value)  # a miss was placed by request()
             except Exception as failure:  # one bad entry must not stop the others; /interrupt stops them all

@@ -24,6 +24,7 @@ from . import comfy_models
 from .bounded import cut
 from .cache import CacheEntry, CacheSnapshot, Footprint
 from .cache_keys import entry_cache_key
+from .loads import shown_options
 from .recipe import LoadRecipe
 from .service import MemKitService
 
@@ -41,8 +42,8 @@ def _describe(cache_key: str, recipe: LoadRecipe, footprint: Footprint, state: s
 def _cached_row(entry: CacheEntry, failure: str | None, over_budget: int) -> dict[str, Any]:
     reason = entry.stale or failure
     row = {**_describe(entry.cache_key, entry.recipe, entry.footprint, "stale" if reason else "ready"),
-           "options": dict(entry.recipe.options), "device": comfy_models.devices(entry.value), "hits": entry.hits,
-           "uses": entry.uses, "load_seconds": round(entry.load_seconds, 3), "pinned": entry.pinned,
+           "options": shown_options(entry.recipe.kind, entry.recipe.call), "device": comfy_models.devices(entry.value),
+           "hits": entry.hits, "uses": entry.uses, "load_seconds": round(entry.load_seconds, 3), "pinned": entry.pinned,
            "shared": comfy_models.shared_parts(entry.value)}
     if reason:
         row["error"] = reason

@@ -7,6 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from ..model_cache import comfy_models
+from ..model_cache.loads import Load
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
 
@@ -22,7 +23,11 @@ def fingerprint(kind: ModelKind, names: list[str], options: dict[str, str] | Non
     files are not known yet, so no entry is touched (ComfyUI keys on the upstream node instead)."""
     if any(n is None for n in names) or any(v is None for v in (options or {}).values()):
         return LINKED
-    return get_service().fingerprint(kind, names, options)
+    try:
+        load = Load.loader(kind, names, options)
+    except ValueError as error:  # a load ComfyUI's loaders cannot make (three text encoders on the cpu)
+        return f"invalid:{error}"
+    return get_service().fingerprint(load)
 
 
 class MemKitCheckpointLoader(io.ComfyNode):
@@ -47,7 +52,7 @@ class MemKitCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
-        return io.NodeOutput(*get_service().checkout(ModelKind.CHECKPOINT, [ckpt_name]))
+        return io.NodeOutput(*get_service().checkout(Load.loader(ModelKind.CHECKPOINT, [ckpt_name])))
 
 
 def text_encoder_inputs() -> list[io.Input]:
@@ -96,8 +101,8 @@ class MemKitTextEncoderLoader(io.ComfyNode):
     @classmethod
     def execute(cls, clip_name1: str, type: str, clip_name2: str = NONE, clip_name3: str = NONE,
                 device: str = "default") -> io.NodeOutput:
-        return io.NodeOutput(*get_service().checkout(ModelKind.TEXT_ENCODER, *text_encoder_request(
-            clip_name1, clip_name2, clip_name3, type, device)))
+        return io.NodeOutput(*get_service().checkout(Load.loader(ModelKind.TEXT_ENCODER, *text_encoder_request(
+            clip_name1, clip_name2, clip_name3, type, device))))
 
 
 class MemKitDiffusionModelLoader(io.ComfyNode):
@@ -131,7 +136,8 @@ class MemKitDiffusionModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str, attention_mode: str = "default") -> io.NodeOutput:
-        model, = get_service().checkout(ModelKind.DIFFUSION_MODEL, [unet_name], {"weight_dtype": weight_dtype})
+        model, = get_service().checkout(Load.loader(ModelKind.DIFFUSION_MODEL, [unet_name],
+                                                    {"weight_dtype": weight_dtype}))
         apply_attention(model, attention_mode)
         return io.NodeOutput(model)
 
@@ -167,10 +173,11 @@ class MemKitVAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_name: str) -> io.NodeOutput:
+        load = Load.loader(ModelKind.VAE, [vae_name])
         if comfy_models.resolve(ModelKind.VAE, vae_name) is None:
             # taesd/pixel_space are assembled from several files by ComfyUI; not worth caching.
-            return io.NodeOutput(*comfy_models.call_node("VAELoader", vae_name=vae_name)[:1])
-        return io.NodeOutput(*get_service().checkout(ModelKind.VAE, [vae_name]))
+            return io.NodeOutput(*comfy_models.load(load.call, load.kind.kept_outputs).parts)
+        return io.NodeOutput(*get_service().checkout(load))
 
 
 NODES = [MemKitCheckpointLoader, MemKitTextEncoderLoader, MemKitDiffusionModelLoader, MemKitVAELoader]

@@ -13,7 +13,7 @@ import json
 
 from comfy_api.latest import io
 
-from ..model_cache.config import node_load_options
+from ..model_cache.loads import Load
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
 
@@ -25,8 +25,8 @@ def _keys() -> list[str]:
     return list(get_service().cache_keys.known(ModelKind.NODE)) or [NO_ENTRIES]
 
 
-def _request(cache_key: str, node_id: str, inputs_json: str) -> tuple[str | None, dict[str, str] | None]:
-    """(cache key, None) for a cache-key pick, or (None, load options) for a node called by id."""
+def _request(cache_key: str, node_id: str, inputs_json: str) -> tuple[str | None, Load | None]:
+    """(cache key, None) for a cache-key pick, or (None, the load) for a node called by id."""
     if not node_id.strip():
         return cache_key, None
     try:
@@ -36,7 +36,7 @@ def _request(cache_key: str, node_id: str, inputs_json: str) -> tuple[str | None
                          f"{error.msg})") from None
     if not isinstance(inputs, dict):
         raise ValueError("MemKitCachedNode: inputs_json must be a JSON object of input name to value")
-    return None, node_load_options(node_id.strip(), inputs)
+    return None, Load.node(node_id.strip(), inputs)
 
 
 class MemKitCachedNode(io.ComfyNode):
@@ -70,22 +70,19 @@ class MemKitCachedNode(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, cache_key: str, node_id: str = "", inputs_json: str = "{}") -> str:
         try:
-            named, options = _request(cache_key, node_id, inputs_json)
+            named, load = _request(cache_key, node_id, inputs_json)
         except ValueError as error:
             return f"invalid:{error}"
         service = get_service()
-        if named is not None:
+        if load is None:
             return service.cache_key_fingerprint(ModelKind.NODE, named)
-        return service.fingerprint(ModelKind.NODE, [], options)
+        return service.fingerprint(load)
 
     @classmethod
     def execute(cls, cache_key: str, node_id: str = "", inputs_json: str = "{}") -> io.NodeOutput:
-        named, options = _request(cache_key, node_id, inputs_json)
+        named, load = _request(cache_key, node_id, inputs_json)
         service = get_service()
-        if named is not None:
-            parts = service.checkout_by_cache_key(ModelKind.NODE, named)
-        else:
-            parts = service.checkout(ModelKind.NODE, [], options)
+        parts = service.checkout_by_cache_key(ModelKind.NODE, named) if load is None else service.checkout(load)
         if len(parts) > OUTPUTS:
             raise ValueError(f"MemKitCachedNode: {named or node_id} returns {len(parts)} outputs; this node has "
                              f"{OUTPUTS}")

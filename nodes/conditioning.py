@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..model_cache.loads import Load
 from ..model_cache.recipe import ModelKind
 from ..model_cache.service import get_service
 from .cached_loaders import NONE, text_encoder_inputs, text_encoder_request
@@ -58,17 +59,19 @@ class MemKitTextEncodeByName(io.ComfyNode):
     def fingerprint_inputs(cls, clip_name1: str, type: str, text: str, clip_name2: str = NONE,
                            clip_name3: str = NONE, device: str = "default") -> str:
         """The encoder files' identity: a file replaced on disk re-runs the node."""
-        names, options = text_encoder_request(clip_name1, clip_name2, clip_name3, type, device)
         try:
-            return get_service().recipe(ModelKind.TEXT_ENCODER, names, options).key
+            load = Load.loader(ModelKind.TEXT_ENCODER, *text_encoder_request(clip_name1, clip_name2, clip_name3, type,
+                                                                             device))
+            return get_service().recipe(load).key
         except (OSError, ValueError) as error:
             return f"missing:{error}"
 
     @classmethod
     def execute(cls, clip_name1: str, type: str, text: str, clip_name2: str = NONE, clip_name3: str = NONE,
                 device: str = "default") -> io.NodeOutput:
-        names, options = text_encoder_request(clip_name1, clip_name2, clip_name3, type, device)
-        return io.NodeOutput(get_service().encode_by_name(names, options, text))
+        load = Load.loader(ModelKind.TEXT_ENCODER, *text_encoder_request(clip_name1, clip_name2, clip_name3, type,
+                                                                         device))
+        return io.NodeOutput(get_service().encode_by_name(load, text))
 
 
 NODES = [MemKitTextEncode, MemKitTextEncodeByName]

@@ -85,7 +85,7 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
         if read_files:
             for entry in entries:
                 try:
-                    warm_page_cache(service.recipe(entry.kind, entry.file_names(), entry.load_options()).paths)
+                    warm_page_cache(service.recipe(entry.load()).paths)
                 except Exception as error:  # the build reports it, naming the entry
                     log.debug("[memkit] reading %s ahead failed: %s", entry_cache_key(entry), error)
         if keys:

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from comfyui_memkit.model_cache.config import NodeEntry, node_load_options
-from comfyui_memkit.model_cache.recipe import ModelKind
+from comfyui_memkit.model_cache.config import NodeEntry
+from comfyui_memkit.model_cache.loads import Load
 from comfyui_memkit.model_cache.status import build_status
 
 CLIP_VISION = "memkit-clip-vision-vitl.safetensors"
@@ -30,7 +30,7 @@ def extra_nodes(comfy_host):
 
 
 def cached(service, node, **inputs):
-    return service.checkout(ModelKind.NODE, [], node_load_options(node, inputs))
+    return service.checkout(Load.node(node, inputs))
 
 
 def core(mappings, node, **inputs):
@@ -102,20 +102,19 @@ def test_the_key_follows_the_node_its_inputs_and_its_files(comfy_host, extra_nod
     own = tmp_path / "memkit-scratch-x2.safetensors"
     shutil.copy(comfy_host.models / "upscale_models" / UPSCALER, own)
     service = make_service()
-    options = node_load_options("UpscaleModelLoader", {"model_name": own.name})
-    first = service.recipe(ModelKind.NODE, [], options)
+    load = Load.node("UpscaleModelLoader", {"model_name": own.name})
+    first = service.recipe(load)
     assert first.paths == (str(own.resolve()),), "the model file is found among the inputs"
     os.utime(own, ns=(own.stat().st_atime_ns, own.stat().st_mtime_ns + 10**9))
-    assert service.recipe(ModelKind.NODE, [], options).key != first.key
-    other = service.recipe(ModelKind.NODE, [], node_load_options("UpscaleModelLoader", {"model_name": UPSCALER}))
+    assert service.recipe(load).key != first.key
+    other = service.recipe(Load.node("UpscaleModelLoader", {"model_name": UPSCALER}))
     assert other.key != first.key
 
 
 def test_left_out_inputs_take_the_nodes_defaults_and_share_the_entry(comfy_host, make_service):
     service = make_service()
-    with_default = service.recipe(ModelKind.NODE, [], node_load_options("EmptyLatentImage", {"width": 512}))
-    spelled_out = service.recipe(ModelKind.NODE, [], node_load_options(
-        "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}))
+    with_default = service.recipe(Load.node("EmptyLatentImage", {"width": 512}))
+    spelled_out = service.recipe(Load.node("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}))
     assert with_default.key == spelled_out.key
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from comfyui_memkit.model_cache import comfy_models
+from comfyui_memkit.model_cache.loads import Load
 from comfyui_memkit.model_cache.recipe import ModelKind
 
 WAN_TINY = "memkit-wan21-t2v-tiny.safetensors"
@@ -14,8 +15,8 @@ WAN_TINY = "memkit-wan21-t2v-tiny.safetensors"
 def test_the_reservation_of_a_vae_is_what_comfyui_then_holds(make_service):
     """The SD VAE file is fp16; on a CPU ComfyUI holds it in float32: twice the file."""
     service = make_service()
-    recipe = service.recipe(ModelKind.VAE, ["memkit-sd-vae.safetensors"], {})
-    outcome = service.request(ModelKind.VAE, ["memkit-sd-vae.safetensors"], {})
+    recipe = service.recipe(Load.loader(ModelKind.VAE, ["memkit-sd-vae.safetensors"], {}))
+    outcome = service.request(Load.loader(ModelKind.VAE, ["memkit-sd-vae.safetensors"], {}))
     held = outcome.entry.footprint.ram
     assert abs(comfy_models.expected_ram(recipe) - held) <= 0.05 * held, (comfy_models.expected_ram(recipe), held)
     assert held > 1.8 * recipe.file_bytes, "the float32 model, not the fp16 file"
@@ -25,9 +26,9 @@ def test_the_reservation_of_a_vae_is_what_comfyui_then_holds(make_service):
 def test_the_reservation_of_a_text_encoder_keeps_its_16_bit_weights(make_service):
     service = make_service()
     names = ["memkit-clip-l.safetensors"]
-    recipe = service.recipe(ModelKind.TEXT_ENCODER, names, {"type": "stable_diffusion", "device": "default"})
-    held = service.request(ModelKind.TEXT_ENCODER, names, {"type": "stable_diffusion", "device": "default"}
-                           ).entry.footprint.ram
+    load = Load.loader(ModelKind.TEXT_ENCODER, names, {"type": "stable_diffusion", "device": "default"})
+    recipe = service.recipe(load)
+    held = service.request(load).entry.footprint.ram
     assert abs(comfy_models.expected_ram(recipe) - held) <= 0.05 * held, (comfy_models.expected_ram(recipe), held)
 
 
@@ -35,7 +36,7 @@ def test_backups_of_weights_patched_in_place_count_against_the_budget(make_servi
     """A LoRA patched into a clone's weights makes ComfyUI keep the originals (the clone shares its
     parent's backup dict): memory the cached model costs while the clone is loaded."""
     service = make_service()
-    outcome = service.request(ModelKind.DIFFUSION_MODEL, [WAN_TINY], {"weight_dtype": "default"})
+    outcome = service.request(Load.loader(ModelKind.DIFFUSION_MODEL, [WAN_TINY], {"weight_dtype": "default"}))
     before = comfy_models.footprint(outcome.value).ram
     model = outcome.value.parts[0]
     clone = model.clone()
@@ -69,6 +70,6 @@ def test_weights_mapped_from_a_file_are_reported_apart_from_private_ram(tmp_path
 def test_the_reservation_of_a_checkpoint_upcasts_its_unet_and_vae_but_not_its_text_encoder(make_service):
     service = make_service()
     names = ["memkit-sd15.safetensors"]
-    recipe = service.recipe(ModelKind.CHECKPOINT, names, {})
-    held = service.request(ModelKind.CHECKPOINT, names, {}).entry.footprint.ram
+    recipe = service.recipe(Load.loader(ModelKind.CHECKPOINT, names, {}))
+    held = service.request(Load.loader(ModelKind.CHECKPOINT, names, {})).entry.footprint.ram
     assert abs(comfy_models.expected_ram(recipe) - held) <= 0.05 * held, (comfy_models.expected_ram(recipe), held)

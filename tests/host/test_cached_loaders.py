@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from comfyui_memkit.model_cache.loads import Load
 from comfyui_memkit.model_cache.recipe import ModelKind
 
 SD_VAE = "memkit-sd-vae.safetensors"
@@ -118,14 +119,14 @@ def test_budget_evicts_the_least_recently_used_model(comfy_host, make_service):
     from comfyui_memkit.model_cache.comfy_models import footprint
 
     probe = make_service()
-    one = footprint(probe.request(ModelKind.CHECKPOINT, ["memkit-wan-tiny-a.safetensors"]).value).ram
+    one = footprint(probe.request(Load.loader(ModelKind.CHECKPOINT, ["memkit-wan-tiny-a.safetensors"])).value).ram
     service = make_service(ram_budget_gb=1.5 * one / 2**30)
     a, b = "memkit-wan-tiny-a.safetensors", "memkit-wan-tiny-b.safetensors"
-    service.checkout(ModelKind.CHECKPOINT, [a])
-    service.checkout(ModelKind.CHECKPOINT, [b])
+    service.checkout(Load.loader(ModelKind.CHECKPOINT, [a]))
+    service.checkout(Load.loader(ModelKind.CHECKPOINT, [b]))
     assert [e.cache_key for e in service.cache.entries()] == [f"checkpoint:{b}"]
     assert service.cache.evictions == 1
-    service.checkout(ModelKind.CHECKPOINT, [a])
+    service.checkout(Load.loader(ModelKind.CHECKPOINT, [a]))
     assert service.cache.loads == 3
     assert service.cache.used_bytes <= service.cache.budget_bytes
 
@@ -136,7 +137,8 @@ def test_eight_threads_asking_for_one_model_load_it_once(comfy_host, make_servic
 
     def request():
         try:
-            results.append(service.request(ModelKind.DIFFUSION_MODEL, [WAN_DM], {"weight_dtype": "default"}).value)
+            load = Load.loader(ModelKind.DIFFUSION_MODEL, [WAN_DM], {"weight_dtype": "default"})
+            results.append(service.request(load).value)
         except Exception as error:
             errors.append(error)
 
@@ -189,8 +191,8 @@ def test_a_failed_load_is_not_offered_by_the_selectors(comfy_host, make_service,
     service = make_service()
     (scratch_models["vae"] / "memkit-broken.safetensors").write_bytes(b"\x00not a model" * 10)
     with pytest.raises(ModelLoadError):
-        service.checkout(ModelKind.VAE, ["memkit-broken.safetensors"])
-    service.checkout(ModelKind.VAE, [SD_VAE])
+        service.checkout(Load.loader(ModelKind.VAE, ["memkit-broken.safetensors"]))
+    service.checkout(Load.loader(ModelKind.VAE, [SD_VAE]))
     assert list(service.cache_keys.known(ModelKind.VAE)) == [f"vae:{SD_VAE}"]
 
 
@@ -199,9 +201,9 @@ def test_a_missing_name_names_the_folder(comfy_host, make_service):
 
     service = make_service()
     with pytest.raises(ModelNotFoundError, match=r"'nope\.safetensors' is not a file in ComfyUI's 'vae'"):
-        service.checkout(ModelKind.VAE, ["nope.safetensors"])
+        service.checkout(Load.loader(ModelKind.VAE, ["nope.safetensors"]))
     with pytest.raises(ModelNotFoundError, match="checkpoints"):
-        service.checkout(ModelKind.CHECKPOINT, ["../vae/" + SD_VAE])
+        service.checkout(Load.loader(ModelKind.CHECKPOINT, ["../vae/" + SD_VAE]))
 
 
 def test_a_selector_with_an_unknown_key_lists_the_keys_that_exist(comfy_host, make_service):
@@ -246,7 +248,7 @@ def test_every_kind_loads_under_each_auto_gpu_load_setting(comfy_host, make_serv
     kind, names, options = KIND_CASES[case]
     service = make_service(auto_gpu_load=auto_gpu_load)
     comfy.model_management.unload_all_models()
-    parts = service.checkout(kind, names, options)
+    parts = service.checkout(Load.loader(kind, names, options))
     (entry,) = service.cache.entries()
     cached_patchers = patchers(entry.value)
     assert len(cached_patchers) == len([p for p in entry.value.parts if p is not None])
@@ -260,7 +262,7 @@ def test_every_kind_loads_under_each_auto_gpu_load_setting(comfy_host, make_serv
         assert (ours is None) == (cached is None)
         if ours is not None:
             assert ours is not cached, "a clone is handed out, never the cached object"
-    again = service.checkout(kind, names, options)
+    again = service.checkout(Load.loader(kind, names, options))
     assert service.cache.loads == 1
     assert all(a is not b for a, b in zip(again, parts) if a is not None)
 
@@ -271,7 +273,7 @@ def test_auto_gpu_load_never_places_a_model_off_the_executing_thread(comfy_host,
 
     service = make_service(auto_gpu_load=True)
     comfy.model_management.unload_all_models()
-    outcome = service.request(ModelKind.VAE, [SD_VAE], executing_thread=False)
+    outcome = service.request(Load.loader(ModelKind.VAE, [SD_VAE]), executing_thread=False)
     assert outcome.value.parts[0].patcher not in _loaded_patchers()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from comfyui_memkit.model_cache.loads import Load
 from comfyui_memkit.model_cache.recipe import ModelKind
 
 CLIP_L = "memkit-clip-l.safetensors"
@@ -42,7 +43,8 @@ def assert_same(ours, theirs):
 
 
 def memkit_clip(service):
-    return service.checkout(ModelKind.TEXT_ENCODER, [CLIP_L], {"type": "stable_diffusion", "device": "default"})[0]
+    return service.checkout(Load.loader(ModelKind.TEXT_ENCODER, [CLIP_L],
+                                        {"type": "stable_diffusion", "device": "default"}))[0]
 
 
 def test_the_output_is_clip_text_encode_bit_for_bit_and_a_repeat_is_a_ram_hit(comfy_host, make_service, user_dir):

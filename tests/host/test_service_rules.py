@@ -7,16 +7,18 @@ import threading
 
 import pytest
 
+from comfyui_memkit.model_cache.loads import Load
 from comfyui_memkit.model_cache.recipe import ModelKind
 
 SD_VAE = "memkit-sd-vae.safetensors"
+VAE = Load.loader(ModelKind.VAE, [SD_VAE])
 
 
 def test_a_prompt_waiting_for_another_threads_load_honours_comfyui_interrupt(comfy_host, make_service, caplog):
     import comfy.model_management as mm
 
     service = make_service()
-    recipe = service.recipe(ModelKind.VAE, [SD_VAE], {})
+    recipe = service.recipe(VAE)
     started, release = threading.Event(), threading.Event()
 
     def slow_real_load():
@@ -24,19 +26,19 @@ def test_a_prompt_waiting_for_another_threads_load_honours_comfyui_interrupt(com
         assert release.wait(30)
         from comfyui_memkit.model_cache import comfy_models
 
-        return comfy_models.load(ModelKind.VAE, [SD_VAE], {})
+        return comfy_models.load(VAE.call, VAE.kind.kept_outputs)
 
     owner = threading.Thread(target=lambda: service.cache.get_or_load(recipe, slow_real_load, cache_key="vae:sd"))
     owner.start()
     assert started.wait(30)
     mm.interrupt_current_processing(True)  # what POST /interrupt does
     with caplog.at_level(logging.WARNING, logger="memkit"), pytest.raises(mm.InterruptProcessingException):
-        service.request(ModelKind.VAE, [SD_VAE], executing_thread=True)
+        service.request(VAE, executing_thread=True)
     assert not mm.processing_interrupted(), "the interrupt was consumed, as ComfyUI's own check does"
     assert "stopped waiting for vae:sd, which another thread is loading" in caplog.text
     release.set()
     owner.join(60)
-    outcome = service.request(ModelKind.VAE, [SD_VAE], executing_thread=True)
+    outcome = service.request(VAE, executing_thread=True)
     assert outcome.hit, "the load that was waited on finished and was cached"
     assert service.cache.loads == 1
 
@@ -48,14 +50,14 @@ def test_a_wait_off_the_executing_thread_ignores_a_prompt_interrupt(comfy_host, 
     from comfyui_memkit.model_cache import comfy_models
 
     service = make_service()
-    recipe = service.recipe(ModelKind.VAE, [SD_VAE], {})
+    recipe = service.recipe(VAE)
     cache_key = f"vae:{SD_VAE}"
     started, release = threading.Event(), threading.Event()
 
     def slow_real_load():
         started.set()
         assert release.wait(30)
-        return comfy_models.load(ModelKind.VAE, [SD_VAE], {})
+        return comfy_models.load(VAE.call, VAE.kind.kept_outputs)
 
     owner = threading.Thread(target=lambda: service.cache.get_or_load(recipe, slow_real_load, cache_key=cache_key))
     owner.start()
@@ -65,7 +67,7 @@ def test_a_wait_off_the_executing_thread_ignores_a_prompt_interrupt(comfy_host, 
 
     def wait_off_thread():
         try:
-            result["outcome"] = service.request(ModelKind.VAE, [SD_VAE], executing_thread=False)
+            result["outcome"] = service.request(VAE, executing_thread=False)
         except BaseException as error:
             errors.append(error)
 
@@ -155,13 +157,10 @@ def test_an_interrupt_during_a_load_is_an_interrupt_not_a_failed_load(comfy_host
     must still let it through (no failure recorded, no stale copy served, the preload stops)."""
     import comfy.model_management as mm
 
-    from comfyui_memkit.model_cache.config import node_load_options
-
     monkeypatch.setitem(comfy_host.nodes.NODE_CLASS_MAPPINGS, "MemKitTestInterruptedLoader", InterruptedLoader)
     service = make_service()
-    options = node_load_options("MemKitTestInterruptedLoader", {})
     with pytest.raises(mm.InterruptProcessingException):
-        service.request(ModelKind.NODE, [], options, executing_thread=True)
+        service.request(Load.node("MemKitTestInterruptedLoader", {}), executing_thread=True)
     assert service.cache.snapshot().entries == []
     assert service.cache.loading() == []
     assert not mm.processing_interrupted(), "consumed, as ComfyUI's own check does"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from comfyui_memkit.model_cache.loads import Load
 from comfyui_memkit.model_cache.recipe import ModelKind
 from comfyui_memkit.model_cache.status import build_status, readiness
 
@@ -20,14 +21,14 @@ def test_truncated_then_removed_then_restored(make_service, comfy_host, scratch_
     shutil.copyfile(source, path)
     service = make_service()
     names = ["memkit-scratch-vae.safetensors"]
-    first = service.request(ModelKind.VAE, names, {})
+    first = service.request(Load.loader(ModelKind.VAE, names, {}))
     key = first.entry.cache_key
     assert row(service, key)["state"] == "ready"
     assert readiness(service)["state"] == "ready"
 
     with open(path, "r+b") as handle:  # cut short, as a copy in progress leaves it
         handle.truncate(os.path.getsize(path) // 3)
-    again = service.request(ModelKind.VAE, names, {})
+    again = service.request(Load.loader(ModelKind.VAE, names, {}))
     assert again.value is first.value, "the copy already loaded keeps being served"
     stale = row(service, key)
     assert stale["state"] == "stale"
@@ -37,11 +38,11 @@ def test_truncated_then_removed_then_restored(make_service, comfy_host, scratch_
     assert [r["cache_key"] for r in build_status(service)["entries"]].count(key) == 1, "one row per key"
 
     path.unlink()
-    assert service.request(ModelKind.VAE, names, {}).value is first.value
+    assert service.request(Load.loader(ModelKind.VAE, names, {})).value is first.value
     assert "is not a file" in row(service, key)["error"]
 
     shutil.copyfile(source, path)  # whole again: a new identity that loads
-    fresh = service.request(ModelKind.VAE, names, {})
+    fresh = service.request(Load.loader(ModelKind.VAE, names, {}))
     assert fresh.value is not first.value
     assert row(service, key)["state"] == "ready"
     assert "error" not in row(service, key)

@@ -4,12 +4,12 @@ import time
 import pytest
 
 from comfyui_memkit.model_cache.cache import CacheLoadError, Footprint, ModelCache
-from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
+from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind, NodeCall
 
 
 def recipe(name: str, size: int = 100, mtime: int = 1, **options) -> LoadRecipe:
-    return LoadRecipe(ModelKind.CHECKPOINT, (f"/models/{name}",), (FileIdentity(size, mtime),),
-                      tuple(sorted((k, str(v)) for k, v in options.items())))
+    return LoadRecipe(ModelKind.CHECKPOINT, NodeCall.of("CheckpointLoaderSimple", {"ckpt_name": name, **options}),
+                      (f"/models/{name}",), (FileIdentity(size, mtime),))
 
 
 class Payload:

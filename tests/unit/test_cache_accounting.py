@@ -14,12 +14,14 @@ import pytest
 
 from comfyui_memkit.model_cache.cache import CacheLoadError, Footprint, LoadWaitInterruptedError, ModelCache
 from comfyui_memkit.model_cache.cache_keys import CacheKeyRegistry
+from comfyui_memkit.model_cache.loads import Load
 from comfyui_memkit.model_cache.preload import PreloadState
-from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
+from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind, NodeCall
 
 
 def recipe(name: str, size: int = 100, mtime: int = 1) -> LoadRecipe:
-    return LoadRecipe(ModelKind.CHECKPOINT, (f"/models/{name}",), (FileIdentity(size, mtime),))
+    return LoadRecipe(ModelKind.CHECKPOINT, NodeCall.of("CheckpointLoaderSimple", {"ckpt_name": name}),
+                      (f"/models/{name}",), (FileIdentity(size, mtime),))
 
 
 class Value:
@@ -194,7 +196,7 @@ def test_the_cache_key_registry_can_be_read_while_a_thread_writes_it(frequent_th
 
     def write():
         for index in range(20000):
-            registry.remember(ModelKind.VAE, f"vae:{index}", [f"{index}.safetensors"], {})
+            registry.remember(f"vae:{index}", Load.loader(ModelKind.VAE, [f"{index}.safetensors"]))
         done.set()
 
     writer = start(write)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from comfyui_memkit.model_cache.cache import BudgetExceededError, Footprint, ModelCache
-from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind
+from comfyui_memkit.model_cache.recipe import FileIdentity, LoadRecipe, ModelKind, NodeCall
 
 
 def recipe(name: str, size: int = 100, mtime: int = 1) -> LoadRecipe:
-    return LoadRecipe(ModelKind.CHECKPOINT, (f"/models/{name}",), (FileIdentity(size, mtime),))
+    return LoadRecipe(ModelKind.CHECKPOINT, NodeCall.of("CheckpointLoaderSimple", {"ckpt_name": name}),
+                      (f"/models/{name}",), (FileIdentity(size, mtime),))
 
 
 class Value:

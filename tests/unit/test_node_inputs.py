@@ -2,10 +2,11 @@
 
 import pytest
 
-from comfyui_memkit.model_cache.cache_keys import default_cache_key, entry_cache_key
+from comfyui_memkit.model_cache.cache_keys import entry_cache_key
 from comfyui_memkit.model_cache.config import HostChoices, NodeEntry, parse_config
-from comfyui_memkit.model_cache.node_inputs import NodeInputsError, canonical_inputs, check_node_inputs
-from comfyui_memkit.model_cache.recipe import ModelKind
+from comfyui_memkit.model_cache.loads import Load
+from comfyui_memkit.model_cache.node_inputs import NodeInputsError, check_node_inputs
+from comfyui_memkit.model_cache.recipe import ModelKind, NodeCall
 
 V1_LOADER = {"required": {"model_name": (["a.safetensors", "b.safetensors"],),
                           "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0}),
@@ -67,7 +68,8 @@ def test_long_option_lists_are_shortened_in_messages():
 
 
 def test_canonical_inputs_do_not_depend_on_key_order():
-    assert canonical_inputs({"b": 1, "a": "x"}) == canonical_inputs({"a": "x", "b": 1}) == '{"a":"x","b":1}'
+    assert NodeCall.of("N", {"b": 1, "a": "x"}).canonical == NodeCall.of("N", {"a": "x", "b": 1}).canonical == \
+        '["N",{"a":"x","b":1}]'
 
 
 def test_a_nodes_section_in_the_config():
@@ -86,7 +88,7 @@ def test_a_nodes_section_in_the_config():
     assert first.pinned
     assert entry_cache_key(second) == "node:UpscaleModelLoader(model_name=4x.pth)"
     assert not second.pinned
-    assert first.load_options() == {"node": "CLIPVisionLoader", "inputs": '{"clip_name":"clip_vision_h.safetensors"}'}
+    assert first.load().call == NodeCall.of("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"})
     assert [p.split(": ", 2)[1] for p in config.problems] == ["models.nodes[2]", "models.nodes[3]", "models.nodes[4]"]
     assert "field 'node'" in config.problems[0]
     assert "field 'inputs.nested" in config.problems[1]
@@ -94,5 +96,5 @@ def test_a_nodes_section_in_the_config():
 
 
 def test_the_default_name_of_a_node_load():
-    options = {"node": "AudioEncoderLoader", "inputs": canonical_inputs({"audio_encoder_name": "w.safetensors"})}
-    assert default_cache_key(ModelKind.NODE, [], options) == "node:AudioEncoderLoader(audio_encoder_name=w.safetensors)"
+    load = Load.node("AudioEncoderLoader", {"audio_encoder_name": "w.safetensors"})
+    assert load.name == "node:AudioEncoderLoader(audio_encoder_name=w.safetensors)"

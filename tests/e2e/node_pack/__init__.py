@@ -125,10 +125,10 @@ class MemKitTestUseModel:
 MEMKIT_PACKAGE = "comfyui-memkit"  # the folder name the e2e servers link the repository under
 
 
-def _memkit_service():
-    """MemKit's service in this server (ComfyUI names a custom-node module after its folder path)."""
+def _memkit_module(module):
+    """A module of MemKit in this server (ComfyUI names a custom-node module after its folder path)."""
     name = next(n for n in list(sys.modules) if n == MEMKIT_PACKAGE or n.endswith("/" + MEMKIT_PACKAGE))
-    return importlib.import_module(f"{name}.model_cache.service").get_service()
+    return importlib.import_module(f"{name}.model_cache.{module}")
 
 
 class MemKitTestRememberConditioning:
@@ -149,8 +149,10 @@ class MemKitTestRememberConditioning:
         return float("nan")  # always run
 
     def remember(self, clip_name, type, text, seed, tokens, width, device="default"):
-        service = _memkit_service()
-        key, _ = service.by_name_key([clip_name], {"type": type, "device": device}, text)
+        service = _memkit_module("service").get_service()
+        text_encoder = _memkit_module("recipe").ModelKind.TEXT_ENCODER
+        load = _memkit_module("loads").Load.loader(text_encoder, [clip_name], {"type": type, "device": device})
+        key, _ = service.by_name_key(load, text)
         generator = torch.Generator().manual_seed(seed)
         conditioning = [[torch.randn((1, tokens, width), generator=generator) * 0.5, {}]]
         service.conditioning.put(key, conditioning, disk=True)
