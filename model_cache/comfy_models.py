@@ -18,11 +18,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
-import functools
 import inspect
 import itertools
 import json
 import math
+import sys
 import uuid
 import weakref
 from collections.abc import Iterable
@@ -547,14 +547,11 @@ def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)
 
 
-@functools.cache
 def _prompt_server_class() -> Any:
-    """Looked up once: a failed import would otherwise be retried (and recompiled) on every call."""
-    try:
-        from server import PromptServer
-    except ImportError:  # ComfyUI used as a library, without its server
-        return None
-    return PromptServer
+    """ComfyUI's ``PromptServer`` when its server module is loaded, else None. Never imported here:
+    without that module there is no running server (ComfyUI used as a library), and importing it
+    (aiohttp and all) cost a first load half a second."""
+    return getattr(sys.modules.get("server"), "PromptServer", None)
 
 
 def prompt_token() -> Any:
