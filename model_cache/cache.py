@@ -126,10 +126,12 @@ class CacheSnapshot:
 
     @property
     def footprint(self) -> Footprint:
+        """The entries' footprints as last measured (``remeasure``): reading it measures nothing."""
         return sum((e.footprint for e in self.entries), Footprint())
 
     @property
     def over_budget_bytes(self) -> int:
+        """How far the cached entries' private RAM is over the budget (pinned entries can be)."""
         if self.budget_bytes is None:
             return 0
         return max(0, self.footprint.ram - self.budget_bytes)
@@ -431,18 +433,6 @@ class ModelCache:
         """RAM held by cached entries (the budgeted quantity)."""
         with self._lock:
             return sum(e.footprint.ram for e in self._entries.values())
-
-    def footprint(self) -> Footprint:
-        """The entries' footprints as last measured (``remeasure``): reading it measures nothing."""
-        with self._lock:
-            return sum((e.footprint for e in self._entries.values()), Footprint())
-
-    def over_budget_bytes(self) -> int:
-        """How far the cached entries' private RAM is over the budget (pinned entries can be)."""
-        with self._lock:
-            if self.budget_bytes is None:
-                return 0
-            return max(0, sum(e.footprint.ram for e in self._entries.values()) - self.budget_bytes)
 
     def serve_stale(self, recipe: LoadRecipe | None, reason: str, *, cache_key: str | None = None, pinned: bool = False,
                     use_token: object = None) -> LoadOutcome | None:

@@ -68,7 +68,7 @@ def test_vram_is_reported_apart_and_not_counted_as_ram():
     cache.get_or_load(recipe("cpu"), lambda: Value(100), cache_key="cpu")
     assert {e.cache_key for e in cache.entries()} == {"gpu", "cpu"}, "VRAM must not push RAM entries out"
     assert cache.used_bytes == 110
-    assert cache.footprint() == Footprint(110, 1000)
+    assert cache.snapshot().footprint == Footprint(110, 1000)
 
 
 def test_footprints_are_measured_again_before_evicting():

@@ -57,8 +57,8 @@ def test_mapped_memory_is_reported_but_not_budgeted():
     cache.get_or_load(recipe("a"), lambda: Value(ram=400, mapped=5000), cache_key="a", pinned=True)
     cache.get_or_load(recipe("b"), lambda: Value(ram=400, mapped=5000), cache_key="b")
     assert [e.cache_key for e in cache.entries()] == ["a", "b"], "mapped bytes must not evict anything"
-    assert cache.footprint() == Footprint(ram=800, mapped=10_000)
-    assert cache.over_budget_bytes() == 0
+    assert cache.snapshot().footprint == Footprint(ram=800, mapped=10_000)
+    assert cache.snapshot().over_budget_bytes == 0
 
 
 def test_pinned_entries_over_the_budget_are_reported_with_the_amount():
@@ -66,7 +66,7 @@ def test_pinned_entries_over_the_budget_are_reported_with_the_amount():
     cache.get_or_load(recipe("a"), lambda: Value(700), cache_key="a", pinned=True)
     cache.get_or_load(recipe("b"), lambda: Value(600), cache_key="b", pinned=True)
     assert len(cache.entries()) == 2
-    assert cache.over_budget_bytes() == 300
+    assert cache.snapshot().over_budget_bytes == 300
 
 
 def test_refuse_over_budget_fails_the_load_naming_the_budget_and_the_entry_before_loading():
@@ -77,7 +77,7 @@ def test_refuse_over_budget_fails_the_load_naming_the_budget_and_the_entry_befor
         cache.get_or_load(recipe("b", size=600), lambda: loads.append(1) or Value(600), cache_key="b")
     assert loads == [], "refused from its estimate, before anything was read"
     assert [e.cache_key for e in cache.entries()] == ["a"]
-    assert cache.over_budget_bytes() == 0
+    assert cache.snapshot().over_budget_bytes == 0
     assert cache.loading() == [], "a refused load leaves no flight behind"
 
 
@@ -124,9 +124,9 @@ def test_remeasure_updates_footprints_of_entries_still_cached():
     cache = ModelCache(measure=lambda value: Footprint(ram=sizes[value]))
     cache.get_or_load(recipe("a"), lambda: "a", cache_key="a")
     sizes["a"] = 10  # ComfyUI moved most of it to the GPU
-    assert cache.footprint().ram == 100, "reading the footprint measures nothing"
+    assert cache.snapshot().footprint.ram == 100, "reading the footprint measures nothing"
     cache.remeasure()
-    assert cache.footprint().ram == 10
+    assert cache.snapshot().footprint.ram == 10
 
 
 def test_evictions_before_a_load_give_their_memory_back_before_it_starts():
