@@ -118,9 +118,6 @@ def bench_cache() -> dict:
     results["core_cold"] = inprocess("core-cold")
     results["core_warm"] = inprocess("core-warm")
     results["memkit_hit"] = inprocess("memkit-hit")
-    # the like-for-like miss: fresh processes, file in the page cache, alternating, median of 3 each
-    pairs = [(inprocess("core-fresh")["seconds"], inprocess("memkit-hit")["miss_seconds"]) for _ in range(3)]
-    results["fresh_core"], results["fresh_memkit_miss"] = [p[0] for p in pairs], [p[1] for p in pairs]
     abab = [CKPT_A, CKPT_B, CKPT_A, CKPT_B]
     results["first_prompt"] = [
         server_run("core loader, no preload", "core", [], None, [CKPT_A, CKPT_A]),
@@ -137,22 +134,6 @@ def bench_cache() -> dict:
     return results
 
 
-def fresh_rows(r: dict) -> list[str]:
-    """The like-for-like miss: a fresh process each, file in the page cache (median of 3)."""
-    if "fresh_core" not in r:
-        return []
-    core, miss = statistics.median(r["fresh_core"]), statistics.median(r["fresh_memkit_miss"])
-    return [f"| CheckpointLoaderSimple, first load in a fresh process, file in page cache (median of 3: "
-            f"{', '.join(f'{t:.2f}' for t in r['fresh_core'])}) | {core:.2f} s | {core / warm_of(r):.2f}× |",
-            f"| MemKitCheckpointLoader miss, the same (median of 3: "
-            f"{', '.join(f'{t:.2f}' for t in r['fresh_memkit_miss'])}) | {miss:.2f} s | {miss / warm_of(r):.2f}× "
-            f"(**{miss / core:.2f}×** the fresh CheckpointLoaderSimple) |"]
-
-
-def warm_of(r: dict) -> float:
-    return r["core_warm"]["seconds"]
-
-
 def render_cache(r: dict) -> str:
     cold, warm, hit = r["core_cold"]["seconds"], r["core_warm"]["seconds"], r["memkit_hit"]
     lines = [
@@ -167,7 +148,6 @@ def render_cache(r: dict) -> str:
         f"| CheckpointLoaderSimple, file in page cache (median of 3) | {warm:.2f} s | 1.00× |",
         f"| MemKitCheckpointLoader miss (first load, through ComfyUI) | {hit['miss_seconds']:.2f} s | "
         f"{hit['miss_seconds'] / warm:.2f}× |",
-        *fresh_rows(r),
         f"| MemKitCheckpointLoader hit (fingerprint + execute, median of 200) | {hit['seconds'] * 1000:.3f} ms | "
         f"{hit['seconds'] / warm:.5f}× |",
         f"| MemKitCheckpointLoader hit, 95th percentile | {hit['p95_seconds'] * 1000:.3f} ms | |",
@@ -811,6 +791,7 @@ def decodes_through_prompt(tiled: bool, prompts: int = 3) -> dict:
 def bench_user() -> dict:
     results = {"machine": machine(), "checkpoint": CKPT_A, "vae": USER_VAE,
                "after_warmup": [after_warmup(loader, width) for width in (64, 48) for loader in ("core", "memkit")]}
+    # the like-for-like miss: fresh processes, file in the page cache, alternating, median of 3 each
     pairs = [(inprocess("core-fresh")["seconds"], inprocess("memkit-hit")["miss_seconds"]) for _ in range(3)]
     results["fresh_core"], results["fresh_memkit_miss"] = [p[0] for p in pairs], [p[1] for p in pairs]
     results["decodes"] = [decodes_through_prompt(False), decodes_through_prompt(True)]
