@@ -2,7 +2,7 @@
 
 Each benchmark writes its own results file (with the machine it ran on), so running one
 benchmark refreshes its section and keeps the others.
-Usage: run.py [cache] [serverless] [conditioning] [vae] [budget] [reliability] [step_cache] [user]
+Usage: run.py [cache] [serverless] [conditioning] [vae] [budget] [reliability] [step_cache] [user] [sharing]
 """
 
 from __future__ import annotations
@@ -833,10 +833,161 @@ def render_user(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --- shared weights (issue 20) -----------------------------------------------------------------
+
+SHARED_VAE, SHARED_TE = "memkit-sd-vae.safetensors", "memkit-clip-l.safetensors"
+SHARED_MODELS = {"checkpoints": [{"name": CKPT_A}], "vaes": [{"vae_name": SHARED_VAE}],
+                 "text_encoders": [{"clip_names": [SHARED_TE]}]}
+
+
+def three_loaders_prompt(loader: str, seed: int) -> dict:
+    """The checkpoint, a VAE and a text encoder through ``loader`` (core or memkit), a 1-step KSampler
+    at 64 px: every weight is read, so each server's RSS holds all of them."""
+    if loader == "memkit":
+        nodes = {"1": ("MemKitCheckpointLoader", {"ckpt_name": CKPT_A}),
+                 "8": ("MemKitVAELoader", {"vae_name": SHARED_VAE}),
+                 "9": ("MemKitTextEncoderLoader", {"clip_name1": SHARED_TE, "clip_name2": "none",
+                                                   "clip_name3": "none", "type": "stable_diffusion"})}
+    else:
+        nodes = {"1": ("CheckpointLoaderSimple", {"ckpt_name": CKPT_A}), "8": ("VAELoader", {"vae_name": SHARED_VAE}),
+                 "9": ("CLIPLoader", {"clip_name": SHARED_TE, "type": "stable_diffusion"})}
+    prompt = {key: {"class_type": node, "inputs": inputs} for key, (node, inputs) in nodes.items()}
+    prompt.update({
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["9", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": 1, "cfg": 6.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["8", 0]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}})
+    return prompt
+
+
+def host_ram(servers: list[ComfyServer]) -> dict:
+    from support.memory import smaps_rollup
+
+    return {"pss_bytes": sum(smaps_rollup(s.process.pid, "Pss") for s in servers),
+            "available_bytes": psutil.virtual_memory().available}
+
+
+def preload_seconds(server: ComfyServer) -> float:
+    return sum(e.get("load_seconds", 0.0) for e in server.get("/memkit/status")["entries"])
+
+
+def sharing_run(mode: str, store: Path, count: int = 3) -> dict:
+    """``count`` servers started one after another, each loading the three models (core: by a
+    prompt; MemKit: blocking preload, then the same prompt through its loaders); host RAM after each."""
+    bases, servers, rows = [], [], []
+    settings = {"preload_mode": "blocking"}
+    if mode == "shared":
+        settings["shared_weights"] = {"enabled": True, "directory": str(store)}
+    try:
+        for index in range(count):
+            base = Path(tempfile.mkdtemp(prefix="memkit-bench-"))
+            bases.append(base)
+            config = None
+            if mode != "core":
+                config = base / "preload.json"
+                config.write_text(json.dumps({"settings": settings, "models": SHARED_MODELS}))
+            server = ComfyServer(base, MODELS, config, ["--cache-classic"])
+            servers.append(server)
+            started = time.perf_counter()
+            server.start()
+            server.wait_ready()
+            ready = time.perf_counter() - started
+            loader = "core" if mode == "core" else "memkit"
+            first = executed_seconds(server, three_loaders_prompt(loader, 1))
+            prompts = [executed_seconds(server, three_loaders_prompt(loader, seed)) for seed in (2, 3, 4)]
+            row = {"servers": index + 1, "ready_seconds": ready, "first_prompt_seconds": first,
+                   "prompt_seconds": prompts, **host_ram(servers)}
+            if mode != "core":
+                status = server.get("/memkit/status")
+                row["preload_seconds"] = preload_seconds(server)
+                row["sharing"] = [e.get("sharing", {}).get("state") for e in status["entries"]]
+            rows.append(row)
+    finally:
+        for server in servers:
+            server.stop()
+        for base in bases:
+            subprocess.run(["rm", "-rf", str(base)], check=False)
+    return {"mode": mode, "rows": rows}
+
+
+def restarted_run(store: Path) -> dict:
+    """One server started after every sharing server stopped: it maps the store back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        config = base / "preload.json"
+        config.write_text(json.dumps({"settings": {"preload_mode": "blocking", "shared_weights": {
+            "enabled": True, "directory": str(store)}}, "models": SHARED_MODELS}))
+        server = ComfyServer(base, MODELS, config, ["--cache-classic"])
+        started = time.perf_counter()
+        server.start()
+        try:
+            server.wait_ready()
+            ready = time.perf_counter() - started
+            sharing = [e.get("sharing", {}).get("state") for e in server.get("/memkit/status")["entries"]]
+            return {"ready_seconds": ready, "preload_seconds": preload_seconds(server), "sharing": sharing}
+        finally:
+            server.stop()
+
+
+def bench_sharing() -> dict:
+    store = Path("/dev/shm") / f"memkit-bench-{os.getpid()}"
+    subprocess.run(["rm", "-rf", str(store)], check=False)
+    try:
+        results = {"machine": machine(), "checkpoint": CKPT_A, "vae": SHARED_VAE, "text_encoder": SHARED_TE,
+                   "runs": [sharing_run(mode, store) for mode in ("core", "private", "shared")]}
+        results["restarted"] = restarted_run(store)
+        results["store_bytes"] = sum(f.stat().st_size for f in store.glob("*.weights"))
+    finally:
+        subprocess.run(["rm", "-rf", str(store)], check=False)
+    return results
+
+
+def render_sharing(r: dict) -> str:
+    gb = 2**30
+    names = {"core": "ComfyUI alone (its loaders)", "private": "MemKit, shared weights off",
+             "shared": "MemKit, shared weights on"}
+    lines = ["## Shared weights: one copy per host (issue 20)", "",
+             f"1, 2 and 3 ComfyUI servers on one host, started one after another, each holding `{r['checkpoint']}`, "
+             f"`{r['vae']}` and `{r['text_encoder']}` (ComfyUI alone: loaded by a prompt through its loaders; "
+             "MemKit: a blocking preload, then the same prompt through MemKit's loaders), each having run a 1-step "
+             "64 px prompt (every weight read). Host RAM: the sum of the servers' proportional memory (PSS), and "
+             "what the host has available. Goal: 3 servers with sharing ≤ 1.2× the RAM of one.", "",
+             "| setup | servers | sum of PSS | available | × one server |", "|---|---|---|---|---|"]
+    for run in r["runs"]:
+        one = run["rows"][0]["pss_bytes"]
+        for row in run["rows"]:
+            lines.append(f"| {names[run['mode']]} | {row['servers']} | {row['pss_bytes'] / gb:.2f} GB | "
+                         f"{row['available_bytes'] / gb:.2f} GB | {row['pss_bytes'] / one:.2f}× |")
+    private = next(run for run in r["runs"] if run["mode"] == "private")["rows"]
+    shared = next(run for run in r["runs"] if run["mode"] == "shared")["rows"]
+    cold = private[0]["preload_seconds"]
+    lines += ["", "Preload time (the sum of the entries' load seconds in `/memkit/status`; files in the page cache; "
+              "goal for a second and a restarted server: ≤ 10 % of a cold preload):", "",
+              "| server | preload | against a cold preload | weights |", "|---|---|---|---|",
+              f"| first, sharing off (cold) | {cold:.2f} s | 1.00 | {', '.join(map(str, private[0]['sharing']))} |"]
+    for label, row in (("first, sharing on (loads, then writes the store)", shared[0]),
+                       ("second, sharing on", shared[1]), ("third, sharing on", shared[2]),
+                       ("restarted after all stopped", r["restarted"])):
+        lines.append(f"| {label} | {row['preload_seconds']:.2f} s | {row['preload_seconds'] / cold:.2f} | "
+                     f"{', '.join(map(str, row['sharing']))} |")
+    off = statistics.median(private[0]["prompt_seconds"])
+    on = statistics.median(shared[1]["prompt_seconds"])
+    lines += ["", f"Prompt time (the same 1-step prompt, ComfyUI's execution timestamps, median of 3 after the first): "
+              f"sharing off {off:.2f} s, sharing on (second server, weights mapped) {on:.2f} s: **{on / off:.2f}×** "
+              f"(goal ≤ 1.02). The store held {r['store_bytes'] / gb:.2f} GB."]
+    return "\n".join(lines)
+
+
 BENCHMARKS = {"cache": (bench_cache, render_cache), "serverless": (bench_serverless, render_serverless),
               "conditioning": (bench_conditioning, render_conditioning), "vae": (bench_vae, render_vae),
               "budget": (bench_budget, render_budget), "reliability": (bench_reliability, render_reliability),
-              "step_cache": (bench_step_cache, render_step_cache), "user": (bench_user, render_user)}
+              "step_cache": (bench_step_cache, render_step_cache), "user": (bench_user, render_user),
+              "sharing": (bench_sharing, render_sharing)}
 
 
 def render_all() -> str:

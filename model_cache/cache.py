@@ -54,15 +54,18 @@ class BudgetExceededError(RuntimeError):
 @dataclass(frozen=True)
 class Footprint:
     """Bytes a cached value holds: private RAM (counted against the budget), RAM mapped from
-    the model's file (the page cache can drop and reread it, so it is reported, not budgeted)
-    and accelerator memory."""
+    the model's file (the page cache can drop and reread it, so it is reported, not budgeted),
+    RAM of the shared weight store's file that every process maps (the store's own cap counts
+    it, not the budget) and accelerator memory."""
 
     ram: int = 0
     vram: int = 0
     mapped: int = 0
+    shared: int = 0
 
     def __add__(self, other: Footprint) -> Footprint:
-        return Footprint(self.ram + other.ram, self.vram + other.vram, self.mapped + other.mapped)
+        return Footprint(self.ram + other.ram, self.vram + other.vram, self.mapped + other.mapped,
+                         self.shared + other.shared)
 
 
 @dataclass

@@ -44,11 +44,12 @@ class LoadedValue:
     holds one of our clones.
     """
 
-    __slots__ = ("__weakref__", "key", "parts")
+    __slots__ = ("__weakref__", "key", "parts", "sharing")
 
     def __init__(self, parts: tuple[Any, ...], key: str | None = None) -> None:
         self.parts = parts
         self.key = key  # the recipe key, once cached: what a text encoder's outputs are keyed on
+        self.sharing: Any = None  # weight_sharing.Sharing when the shared weight store is on
 
 
 # --- host choices ----------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def _clone_part(part: Any) -> Any:
     return part
 
 
-def shared_parts(value: LoadedValue) -> list[str]:
+def uncloned_parts(value: LoadedValue) -> list[str]:
     """The types of the parts that cannot be cloned: every prompt gets the cached object itself."""
     return [type(part).__name__ for part in value.parts
             if part is not None and not hasattr(part, "clone") and not hasattr(part, "patcher")
@@ -319,7 +320,7 @@ def _patch_backups(value: LoadedValue) -> Iterable[torch.Tensor]:
                 yield weight
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """Address ranges of this process mapped from files (``/proc/self/maps``; [] elsewhere)."""
     ranges = []
     try:
@@ -340,14 +341,27 @@ def _mapped(pointer: int, ranges: list[tuple[int, int]]) -> bool:
     return index >= 0 and ranges[index][0] <= pointer < ranges[index][1]
 
 
+def is_file_mapped(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether a CPU tensor's memory is mapped from a file (``ranges`` from ``file_mappings``)."""
+    return tensor.device.type == "cpu" and _mapped(tensor.untyped_storage().data_ptr(), ranges)
+
+
 def footprint(value: LoadedValue) -> Footprint:
     """Bytes of the distinct tensor storages a value holds (with its patchers' backups): private
-    RAM, RAM mapped from a file (e.g. a loader that memory-maps its weights) and accelerator memory."""
+    RAM, RAM mapped from a file (e.g. a loader that memory-maps its weights), tensors on the shared
+    weight store's mapping (by tensor: one mapping holds them all) and accelerator memory."""
     seen: set[tuple[str, int]] = set()
-    ram = vram = mapped = 0
+    ram = vram = mapped = shared = 0
+    sharing = getattr(value, "sharing", None)
     ranges: list[tuple[int, int]] | None = None
     for tensor in itertools.chain(_tensors(value), _patch_backups(value)):
         if tensor.device.type == "meta":
+            continue
+        if sharing is not None and sharing.holds(tensor):
+            ident = ("shared", tensor.data_ptr())
+            if ident not in seen:
+                seen.add(ident)
+                shared += tensor.numel() * tensor.element_size()
             continue
         storage = tensor.untyped_storage()
         ident = (str(tensor.device), storage.data_ptr())
@@ -358,12 +372,15 @@ def footprint(value: LoadedValue) -> Footprint:
             vram += storage.nbytes()
             continue
         if ranges is None:
-            ranges = _file_mappings()
+            ranges = file_mappings()
         if _mapped(storage.data_ptr(), ranges):
             mapped += storage.nbytes()
         else:
             ram += storage.nbytes()
-    return Footprint(ram, vram, mapped)
+    if shared and sharing.mapping is not None:  # pages an in-place edit copied are this process's own
+        written = min(sharing.mapping.private_bytes(), shared)
+        shared, ram = shared - written, ram + written
+    return Footprint(ram, vram, mapped, shared)
 
 
 _UPCAST_KINDS = (ModelKind.CHECKPOINT, ModelKind.DIFFUSION_MODEL, ModelKind.VAE)
@@ -388,7 +405,7 @@ def expected_ram(recipe: Any) -> int:
     weight_dtype = recipe.call.kwargs().get("weight_dtype", "default")
     total = 0
     for path, identity in zip(recipe.paths, recipe.identities):
-        header = _safetensors_header(path) if path.endswith(".safetensors") else None
+        header = safetensors_header(path) if path.endswith(".safetensors") else None
         if header is None:
             total += identity.size
             continue
@@ -406,7 +423,7 @@ def expected_ram(recipe: Any) -> int:
     return total
 
 
-def _safetensors_header(path: str) -> dict[str, Any] | None:
+def safetensors_header(path: str) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
@@ -422,6 +439,114 @@ def _compute_on_cpu() -> bool:
     import comfy.model_management as mm
 
     return mm.get_torch_device().type == "cpu"
+
+
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def torch_device() -> torch.device:
+    """The device ComfyUI computes on."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def _meta_state_dict(header: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A state dict of meta tensors with a safetensors file's names, dtypes and shapes."""
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = getattr(torch, _TORCH_DTYPES.get(info.get("dtype", ""), ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{name}: safetensors dtype {info.get('dtype')!r}")
+        state[name] = torch.empty(info["shape"], dtype=dtype, device="meta")
+    return state, header.get("__metadata__")
+
+
+def _dtype(text: str | None) -> torch.dtype | None:
+    if text in (None, "None"):
+        return None
+    dtype = getattr(torch, str(text).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {text!r}")
+    return dtype
+
+
+def _diffusion_model_on_meta(state: dict[str, torch.Tensor], metadata: Any, unet: dict[str, str] | None,
+                             checkpoint: bool, fp8_fast: bool = False) -> Any:
+    """ComfyUI's diffusion model (detected from the tensor names and shapes, as its loaders do) on
+    the meta device, at the dtypes ComfyUI chose when it built the stored copy."""
+    import comfy.model_detection as detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+
+    if unet is None:
+        raise ValueError("the store file does not say the diffusion model's dtype")
+    prefix = detection.unet_prefix_from_state_dict(state)
+    if not checkpoint:  # UNETLoader takes the diffusion model out of a checkpoint too
+        inner = comfy.utils.state_dict_prefix_replace(state, {prefix: ""}, filter_keys=True)
+        state, prefix = (inner or state), ""
+    config = detection.model_config_from_unet(state, prefix, metadata=metadata)
+    if config is None:
+        raise ValueError("ComfyUI does not detect the diffusion model from its tensor names alone")
+    config.set_inference_dtype(_dtype(unet["dtype"]), _dtype(unet.get("manual_cast")))
+    config.custom_operations = None
+    if fp8_fast:
+        config.optimizations["fp8"] = True
+    model = config.get_model(state, prefix, device=torch.device("meta"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_on_meta(call: NodeCall, headers: list[dict[str, Any]], unet: dict[str, str] | None) -> tuple[Any, ...]:
+    """What the loader ``call`` returns, built by ComfyUI's constructors on the meta device from
+    its files' headers (no weights read). For ComfyUI's core loaders only; raises ValueError where
+    a loader's file is not what this path knows (the caller then builds from the file)."""
+    import comfy.sd
+    import folder_paths
+
+    inputs = call.kwargs()
+    states = [_meta_state_dict(header) for header in headers]
+    meta = torch.device("meta")
+    embeddings = folder_paths.get_folder_paths("embeddings")
+    if call.node == "CheckpointLoaderSimple" and len(states) == 1:
+        state, metadata = states[0]
+        _, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+            dict(state), output_vae=True, output_clip=True, embedding_directory=embeddings, output_model=False,
+            te_model_options={"initial_device": meta}, metadata=metadata)
+        return (_diffusion_model_on_meta(state, metadata, unet, checkpoint=True), clip, vae)
+    if call.node == "UNETLoader" and len(states) == 1:
+        state, metadata = states[0]
+        fast = inputs.get("weight_dtype") == "fp8_e4m3fn_fast"
+        return (_diffusion_model_on_meta(dict(state), metadata, unet, checkpoint=False, fp8_fast=fast),)
+    if call.node == "VAELoader" and len(states) == 1:
+        vae = comfy.sd.VAE(sd=dict(states[0][0]))
+        vae.throw_exception_if_invalid()
+        return (vae,)
+    if call.node in ("CLIPLoader", "DualCLIPLoader") and states:
+        if any(metadata and "_quantization_metadata" in metadata for _, metadata in states):
+            raise ValueError("a quantized text encoder")
+        clip_type = getattr(comfy.sd.CLIPType, str(inputs.get("type", "stable_diffusion")).upper(),
+                            comfy.sd.CLIPType.STABLE_DIFFUSION)
+        options: dict[str, Any] = {"initial_device": meta}
+        if inputs.get("device") == "cpu":
+            options["load_device"] = options["offload_device"] = torch.device("cpu")
+        clip = comfy.sd.load_text_encoder_state_dicts([dict(s) for s, _ in states], embedding_directory=embeddings,
+                                                      clip_type=clip_type, model_options=options)
+        return (clip,)
+    raise ValueError(f"{call.node} with {len(states)} files has no build on the meta device")
+
+
+def settle_after_meta_build(value: LoadedValue) -> None:
+    """A model built on the meta device says it is on the offload device, where its weights are."""
+    for patcher in patchers(value):
+        model = getattr(patcher, "model", None)
+        if getattr(model, "device", None) == torch.device("meta"):
+            model.device = patcher.offload_device
 
 
 def is_interrupt(error: BaseException) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .bounded import cut, shown
 from .loads import Load
@@ -253,6 +253,36 @@ def _gigabytes(default: float | None, minimum: str) -> Any:
     return Field(default=default, allow_inf_nan=False, le=MAX_GB, **{minimum: 0})
 
 
+class SharedWeights(BaseModel):
+    """``settings.shared_weights``: one copy of each cached model per host, mapped by every ComfyUI
+    process and kept in RAM (``/dev/shm``) across restarts, after every process has exited too.
+    Opt-in; ``true`` is short for ``{"enabled": true}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    max_gb: float | None = _gigabytes(None, "gt")  # the store's cap; None: half of the host's RAM
+    directory: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)  # None: /dev/shm/...
+    wait_minutes: float = Field(default=10.0, ge=0, le=MAX_QUEUE_WAIT_MINUTES, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        bad = _forbidden_character(value)
+        if bad:
+            raise ValueError(f"contains the control character {bad}")
+        if not PurePosixPath(value).is_absolute():
+            raise ValueError(f"must be an absolute path, not {shown(value, 60)}")
+        return value
+
+
 class Settings(BaseModel):
     """The ``settings`` section. Every number is finite and bounded (see ``MAX_GB``)."""
 
@@ -269,6 +299,7 @@ class Settings(BaseModel):
     conditioning_disk_gb: float = _gigabytes(2.0, "ge")
     # how long MemKit's own queued prompts (preload, release, warm-up) may wait behind user prompts
     queue_wait_minutes: float = Field(default=360.0, gt=0, le=MAX_QUEUE_WAIT_MINUTES, allow_inf_nan=False)
+    shared_weights: SharedWeights = Field(default_factory=SharedWeights)
 
     @field_validator("warmup_workflow")
     @classmethod

@@ -33,6 +33,8 @@ from .loads import Load
 from .node_inputs import NodeInputsError, check_node_inputs
 from .preload import PreloadState
 from .recipe import FileIdentityReader, LoadRecipe, ModelKind, NodeCall
+from .weight_sharing import WeightSharing, is_stale
+from .weight_store import StoreError, WeightStore, default_directory, unavailable_reason
 
 log = logging.getLogger("memkit")
 
@@ -81,10 +83,11 @@ class MemKitService:
     def __init__(self, config: PreloadConfig) -> None:
         self.config = config
         settings = config.settings
+        self.sharing, self.sharing_off = _weight_sharing(settings.shared_weights)
         budget = (int(settings.ram_budget_gb * 2**30) if settings.ram_budget_gb
                   else int(psutil.virtual_memory().total * DEFAULT_BUDGET_FRACTION))
         self.cache = ModelCache(measure=comfy_models.footprint, budget_bytes=budget,
-                                estimate=comfy_models.load_peak_ram, refuse_over_budget=settings.refuse_over_budget,
+                                estimate=self._load_peak_ram, refuse_over_budget=settings.refuse_over_budget,
                                 reclaim=reclaim_memory)
         self.identities = FileIdentityReader(hash_contents=settings.hash_contents)
         self.cache_keys = CacheKeyRegistry(config.enabled_entries())
@@ -98,6 +101,15 @@ class MemKitService:
             disk_bytes=int(settings.conditioning_disk_gb * 2**30))
 
     # --- loading --------------------------------------------------------------------------
+
+    def builds_from_store(self, recipe: LoadRecipe) -> bool:
+        """Whether a load of the recipe will be built around the shared store's copy: it maps the
+        store's file and reads no model file (nothing to read ahead, no RAM to reserve)."""
+        return self.sharing is not None and self.sharing.expects_store_hit(recipe)
+
+    def _load_peak_ram(self, recipe: LoadRecipe) -> int:
+        """RAM a load takes at its peak (reserved under the budget)."""
+        return 0 if self.builds_from_store(recipe) else comfy_models.load_peak_ram(recipe)
 
     def recipe(self, load: Load) -> LoadRecipe:
         """The load's node call and the identity of the files among its inputs. A kind's own loader
@@ -148,7 +160,7 @@ class MemKitService:
             self.changed()
             return older
 
-        def build() -> comfy_models.LoadedValue:
+        def from_file() -> comfy_models.LoadedValue:
             try:  # the recipe's call: a node's inputs as checked (defaults filled in)
                 value = comfy_models.load(recipe.call, recipe.kind.kept_outputs)
             except Exception as error:
@@ -159,6 +171,14 @@ class MemKitService:
                     from error
             if comfy_models.is_empty(value):
                 raise ModelLoadError(f"could not detect the model type of {', '.join(recipe.paths) or cache_key}")
+            return value
+
+        def build() -> comfy_models.LoadedValue:
+            if self.sharing is None:
+                value = from_file()
+            else:
+                value = self.sharing.load(recipe, from_file,
+                                          interrupted=comfy_models.interrupted if executing_thread else None)
             value.key = recipe.portable_key  # what its conditionings are keyed on, on disk too
             return value
 
@@ -394,6 +414,28 @@ class MemKitService:
 
 _service: MemKitService | None = None
 _service_lock = threading.Lock()
+
+
+def _weight_sharing(options: Any) -> tuple[WeightSharing | None, str | None]:
+    """The shared weight store the settings ask for, or None and why not (logged once)."""
+    if not options.enabled:
+        return None, None
+    directory = Path(options.directory) if options.directory else default_directory()
+    cap = int(options.max_gb * 2**30) if options.max_gb else psutil.virtual_memory().total // 2
+    store = WeightStore(directory, cap)
+    reason = unavailable_reason(directory)
+    if reason is None:
+        try:
+            store.prepare()
+            store.sweep(is_stale)
+        except (StoreError, OSError) as error:
+            reason = str(error)
+    if reason is not None:
+        log.warning("[memkit] shared weights are off: %s; every cached model stays private to this process",
+                    cut(reason, 300))
+        return None, cut(reason, 300)
+    log.info("[memkit] shared weights in %s (cap %.1f GB)", directory, cap / 2**30)
+    return WeightSharing(store, wait_seconds=options.wait_minutes * 60, reclaim=reclaim_memory), None
 
 
 def get_service() -> MemKitService:

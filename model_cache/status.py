@@ -35,8 +35,37 @@ STEP_CACHE_RUNS = 8  # runs listed in /memkit/status (each a small dict; the reg
 
 def _describe(cache_key: str, recipe: LoadRecipe, footprint: Footprint, state: str) -> dict[str, Any]:
     return {"cache_key": cache_key, "kind": recipe.kind.value, "key": recipe.key, "files": list(recipe.paths),
-            "ram_bytes": footprint.ram, "mapped_bytes": footprint.mapped, "vram_bytes": footprint.vram,
-            "state": state}
+            "ram_bytes": footprint.ram, "mapped_bytes": footprint.mapped, "shared_bytes": footprint.shared,
+            "vram_bytes": footprint.vram, "state": state}
+
+
+def sharing_row(service: MemKitService, entry: CacheEntry) -> dict[str, Any] | None:
+    """How a cached entry holds its weights when the shared weight store is on: ``mapped`` (built
+    from the store), ``written`` (built from its file, then written and mapped), ``lost`` (some
+    weights became private: moved to the GPU and back, or written in place) or ``private`` with
+    the reason; and
+    how many processes map its store file (None where that cannot be known)."""
+    sharing = getattr(entry.value, "sharing", None)
+    if service.sharing is None or sharing is None:
+        return None
+    state, reason = sharing.state, sharing.reason
+    if state in ("mapped", "written") and entry.footprint.shared < sharing.nbytes:
+        moved = sharing.nbytes - entry.footprint.shared
+        state, reason = "lost", (f"{moved / 2**20:.0f} MB of its weights are this process's own now (moved off the "
+                                 "shared mapping, e.g. to the GPU and back, or written in place)")
+    return {"state": state, "reason": reason, "processes": service.sharing.processes(sharing)}
+
+
+def sharing_status(service: MemKitService) -> dict[str, Any]:
+    """The shared weight store: on or off (and why), where, its cap and what its files take."""
+    if service.sharing is None:
+        return {"enabled": False, "reason": service.sharing_off}
+    store = service.sharing.store
+    try:
+        used = store.used_bytes()
+    except OSError:
+        used = None
+    return {"enabled": True, "directory": str(store.directory), "cap_bytes": store.max_bytes, "used_bytes": used}
 
 
 def _cached_row(entry: CacheEntry, failure: str | None, over_budget: int) -> dict[str, Any]:
@@ -44,7 +73,7 @@ def _cached_row(entry: CacheEntry, failure: str | None, over_budget: int) -> dic
     row = {**_describe(entry.cache_key, entry.recipe, entry.footprint, "stale" if reason else "ready"),
            "options": shown_options(entry.recipe.kind, entry.recipe.call), "device": comfy_models.devices(entry.value),
            "hits": entry.hits, "uses": entry.uses, "load_seconds": round(entry.load_seconds, 3), "pinned": entry.pinned,
-           "shared": comfy_models.shared_parts(entry.value)}
+           "uncloned": comfy_models.uncloned_parts(entry.value)}
     if reason:
         row["error"] = reason
     if over_budget and entry.pinned:
@@ -61,9 +90,12 @@ def status_rows(service: MemKitService, snapshot: CacheSnapshot | None = None) -
     rows: dict[str, dict[str, Any]] = {}
     for entry in sorted(snapshot.entries, key=lambda e: e.seq):
         row = _cached_row(entry, failures.get(entry.cache_key), over)
+        sharing = sharing_row(service, entry)
+        if sharing is not None:
+            row["sharing"] = sharing
         if entry.cache_key in rows:  # two versions under one key (a file changed while it loaded): one row
             row["copies"] = rows[entry.cache_key].get("copies", 1) + 1
-            for field in ("ram_bytes", "mapped_bytes", "vram_bytes"):
+            for field in ("ram_bytes", "mapped_bytes", "shared_bytes", "vram_bytes"):
                 row[field] += rows[entry.cache_key][field]
         rows[entry.cache_key] = row
     for cache_key, waiting in snapshot.loading:
@@ -125,10 +157,11 @@ def build_status(service: MemKitService) -> dict[str, Any]:
     the newest of what the route and the messages bring).
 
     ``ram_bytes`` is private RAM (what the budget counts), ``mapped_bytes`` RAM mapped from the
-    model files, ``vram_bytes`` accelerator memory. ``over_budget_bytes``: how far pinned
-    entries hold the cache over its budget. ``evicted_held_ram_bytes``: memory of evicted
-    entries that a prompt or ComfyUI's output cache still holds, freed when they let go.
-    ``step_cache``: see ``step_cache_status``.
+    model files, ``shared_bytes`` RAM of the shared weight store's files, which every process maps
+    (its own cap counts it; ``shared_weights`` describes the store), ``vram_bytes`` accelerator
+    memory. ``over_budget_bytes``: how far pinned entries hold the cache over its budget.
+    ``evicted_held_ram_bytes``: memory of evicted entries that a prompt or ComfyUI's output cache
+    still holds, freed when they let go. ``step_cache``: see ``step_cache_status``.
     """
     taken = time.time()
     cache = service.cache.snapshot()  # rows and totals from one instant: they agree with each other
@@ -139,7 +172,7 @@ def build_status(service: MemKitService) -> dict[str, Any]:
     return {
         "entries": rows,
         "totals": {"entries": len(cache.entries), "ram_bytes": total.ram, "mapped_bytes": total.mapped,
-                   "vram_bytes": total.vram, "reserved_bytes": cache.reserved_bytes,
+                   "shared_bytes": total.shared, "vram_bytes": total.vram, "reserved_bytes": cache.reserved_bytes,
                    "budget_bytes": cache.budget_bytes, "over_budget_bytes": cache.over_budget_bytes,
                    "refuse_over_budget": cache.refuse_over_budget,
                    "evicted_held_ram_bytes": sum(row["ram_bytes"] for row in held),
@@ -148,6 +181,7 @@ def build_status(service: MemKitService) -> dict[str, Any]:
                                               "error")},
                     "failed": len(ready["failed"]), "stale": len(ready["stale"])},
         "conditioning": service.conditioning.report(),
+        "shared_weights": sharing_status(service),
         "step_cache": step_cache_status(),
         "config": {"path": str(service.config.path) if service.config.path else None,
                    "problems": list(service.config.problems)},

@@ -12,8 +12,8 @@ from ..model_cache.service import get_service
 from ..model_cache.status import build_status
 
 CATEGORY = "memkit/cache"
-COLUMNS = ("cache_key", "kind", "file", "options", "RAM MB", "VRAM MB", "device", "hits", "uses", "load s", "pinned",
-           "shared", "state")
+COLUMNS = ("cache_key", "kind", "file", "options", "RAM MB", "shared MB", "VRAM MB", "device", "hits", "uses",
+           "load s", "pinned", "uncloned", "state")
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
@@ -22,10 +22,11 @@ def _row(entry: dict[str, Any]) -> tuple[str, ...]:
     def megabytes(field: str) -> str:
         return f"{entry[field] / 2**20:.1f}" if field in entry else "-"
 
-    return (entry["cache_key"], entry.get("kind", "-"), files, options, megabytes("ram_bytes"), megabytes("vram_bytes"),
+    return (entry["cache_key"], entry.get("kind", "-"), files, options, megabytes("ram_bytes"),
+            megabytes("shared_bytes"), megabytes("vram_bytes"),
             entry.get("device", "-"), str(entry.get("hits", "-")), str(entry.get("uses", "-")),
             str(entry.get("load_seconds", "-")), str(entry.get("pinned", "-")),
-            ", ".join(entry.get("shared", [])) or "-",
+            ", ".join(entry.get("uncloned", [])) or "-",
             entry["state"] + (f": {entry['error']}" if "error" in entry else ""))
 
 
@@ -44,6 +45,7 @@ def format_table(status: dict[str, Any]) -> str:
                     if totals.get("over_budget_bytes") else "")
                  + (f", {totals['mapped_bytes'] / 2**30:.2f} GB mapped from files"
                     if totals.get("mapped_bytes") else "")
+                 + (f", {totals['shared_bytes'] / 2**30:.2f} GB shared weights" if totals.get("shared_bytes") else "")
                  + f", {totals['vram_bytes'] / 2**30:.2f} GB VRAM"
                  + (f", {totals['evicted_held_ram_bytes'] / 2**30:.2f} GB held by evicted entries"
                     if totals["evicted_held_ram_bytes"] else "")

@@ -85,7 +85,9 @@ def queue_preload(service: MemKitService, entries: list[PreloadEntry], run_id: s
         if read_files:
             for entry in entries:
                 try:
-                    warm_page_cache(service.recipe(entry.load()).paths)
+                    recipe = service.recipe(entry.load())
+                    if not service.builds_from_store(recipe):  # a build from the store reads no model file
+                        warm_page_cache(recipe.paths)
                 except Exception as error:  # the build reports it, naming the entry
                     log.debug("[memkit] reading %s ahead failed: %s", entry_cache_key(entry), error)
         if keys:

@@ -161,6 +161,7 @@ function totalsView(totals) {
       h("span", { text: [
         totals.reserved_bytes ? `${formatBytes(totals.reserved_bytes)} loading` : null,
         totals.mapped_bytes ? `${formatBytes(totals.mapped_bytes)} mapped from files` : null,
+        totals.shared_bytes ? `${formatBytes(totals.shared_bytes)} shared weights` : null,
         totals.evicted_held_ram_bytes ? `${formatBytes(totals.evicted_held_ram_bytes)} held by evicted` : null,
         `loads ${totals.loads} · evictions ${totals.evictions}`,
       ].filter(Boolean).join(" · ") })));
@@ -234,7 +235,9 @@ function rowView(row) {
       `Drop ${key} from the cache`));
   }
   const sizes = row.ram_bytes !== undefined
-    ? `${formatBytes(row.ram_bytes)} RAM${row.vram_bytes ? ` · ${formatBytes(row.vram_bytes)} VRAM` : ""}` : "";
+    ? `${formatBytes(row.ram_bytes)} RAM${row.shared_bytes ? ` · ${formatBytes(row.shared_bytes)} shared` : ""}`
+      + `${row.vram_bytes ? ` · ${formatBytes(row.vram_bytes)} VRAM` : ""}` : "";
+  const sharing = row.sharing ? sharingText(row.sharing) : "";
   const usage = ready ? `${row.device} · hits ${row.hits} · uses ${row.uses} · loaded in ${row.load_seconds} s` : "";
   return h("li", { class: `memkit-entry memkit-state-${row.state.replace(/\s/g, "-")}`, "data-testid": "memkit-entry",
     "data-cache-key": key, "data-state": row.state, "data-pinned": row.pinned ? "true" : "false" },
@@ -245,9 +248,18 @@ function rowView(row) {
     h("div", { class: "memkit-line memkit-dim" },
       h("span", { text: [row.kind, files].filter(Boolean).join(" · ") }), h("span", { text: sizes })),
     usage ? h("div", { class: "memkit-dim", text: usage }) : null,
-    row.shared?.length ? h("div", { class: "memkit-dim", text: `shared: ${row.shared.join(", ")}` }) : null,
+    sharing ? h("div", { class: "memkit-dim", "data-testid": "memkit-entry-sharing", text: sharing }) : null,
+    row.uncloned?.length ? h("div", { class: "memkit-dim", text: `not cloned: ${row.uncloned.join(", ")}` }) : null,
     row.error ? h("div", { class: "memkit-error", "data-testid": "memkit-entry-error", text: row.error }) : null,
     actions.length ? h("div", { class: "memkit-actions" }, actions) : null);
+}
+
+// How an entry holds its weights when the shared weight store is on (see /memkit/status `sharing`).
+function sharingText(sharing) {
+  const processes = sharing.processes ? ` · mapped by ${sharing.processes} process${sharing.processes > 1 ? "es" : ""}` : "";
+  if (sharing.state === "mapped") return `shared weights: built from the store${processes}`;
+  if (sharing.state === "written") return `shared weights: written to the store${processes}`;
+  return `weights ${sharing.state === "lost" ? "partly private" : "private"}: ${sharing.reason ?? ""}`;
 }
 
 function render() {

@@ -63,10 +63,10 @@ def test_node_entries_preload_and_a_bad_one_fails_alone_naming_its_field(server)
     found = entries(server)
     assert found["test-loader"]["state"] == "ready"
     assert found["test-loader"]["kind"] == "node"
-    assert found["test-loader"]["shared"] == ["MemKitTestModel"], "an object without clone() is shared"
+    assert found["test-loader"]["uncloned"] == ["MemKitTestModel"], "an object without clone() is handed out uncloned"
     assert found["test-loader"]["ram_bytes"] == 64 * 64 * 4, "its own tensors are measured (a 64x64 fp32 weight)"
     assert found["vision"]["state"] == "ready"
-    assert found["vision"]["shared"] == []
+    assert found["vision"]["uncloned"] == []
     assert found["bad-scale"]["state"] == "failed"
     assert found["bad-scale"]["error"] == ("MemKitTestThirdPartyLoader: field 'inputs.scale': 11 is above the "
                                            "maximum 10.0")

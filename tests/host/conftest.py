@@ -53,6 +53,12 @@ def scratch_models(comfy_host, tmp_path):
             paths.remove(str(folder))
 
 
+@pytest.fixture
+def release():
+    """``release_everything``, for tests that drop their models midway (a process's models gone)."""
+    return release_everything
+
+
 def release_everything() -> None:
     """What the process holds at rest: the service reset, ComfyUI's models unloaded and its
     loaded-model list cleaned, reference cycles collected and the C heap trimmed."""

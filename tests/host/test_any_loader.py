@@ -64,7 +64,7 @@ def test_clip_vision_is_cached_cloned_and_encodes_like_the_core_loader(comfy_hos
     assert torch.equal(encode["penultimate_hidden_states"], reference["penultimate_hidden_states"])
     status = build_status(service)["entries"][0]
     assert status["kind"] == "node"
-    assert status["shared"] == []
+    assert status["uncloned"] == []
     assert status["files"][0].endswith(CLIP_VISION)
 
 
@@ -88,7 +88,7 @@ def test_an_upscale_model_cannot_be_cloned_so_it_is_shared_and_status_says_so(co
     ours, = cached(service, "UpscaleModelLoader", model_name=UPSCALER)
     again, = cached(service, "UpscaleModelLoader", model_name=UPSCALER)
     assert ours is again
-    assert build_status(service)["entries"][0]["shared"] == ["ImageModelDescriptor"]
+    assert build_status(service)["entries"][0]["uncloned"] == ["ImageModelDescriptor"]
     theirs, = core(extra_nodes, "UpscaleModelLoader", model_name=UPSCALER)
     pixels = image(size=32)
     upscaled = core(extra_nodes, "ImageUpscaleWithModel", upscale_model=ours, image=pixels)[0]

@@ -364,3 +364,29 @@ def test_a_warmup_workflow_path_with_a_nul_is_a_problem_not_a_crash(tmp_path):
     assert "settings.warmup_workflow: contains the control character U+0000" in problem
     assert config.warmup_prompt is None
     assert len(config.entries) == 1
+
+
+def test_shared_weights_is_off_by_default_and_true_is_short_for_enabled():
+    assert parse(GOOD_ENTRY).settings.shared_weights.enabled is False
+    config = parse(GOOD_ENTRY, settings={"shared_weights": True})
+    assert config.problems == []
+    assert config.settings.shared_weights.enabled is True
+    assert config.settings.shared_weights.max_gb is None  # half of the host's RAM
+    full = parse(GOOD_ENTRY, settings={"shared_weights": {"enabled": True, "max_gb": 40, "directory": "/dev/shm/x",
+                                                          "wait_minutes": 2}}).settings.shared_weights
+    assert (full.max_gb, full.directory, full.wait_minutes) == (40, "/dev/shm/x", 2)
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ({"enabled": True, "dirctory": "/dev/shm/x"}, "dirctory"),
+    ({"enabled": True, "directory": "shm/relative"}, "must be an absolute path"),
+    ({"enabled": True, "max_gb": -1}, "greater than 0"),
+    ({"enabled": "yes please"}, "enabled"),
+])
+def test_a_bad_shared_weights_setting_is_one_problem_and_sharing_stays_off(value, reason):
+    config = parse(GOOD_ENTRY, settings={"shared_weights": value, "preload_mode": "blocking"})
+    (problem,) = config.problems
+    assert problem.startswith("cfg.json: settings.shared_weights: ")
+    assert reason in problem
+    assert config.settings.shared_weights.enabled is False
+    assert config.settings.preload_mode == "blocking"

@@ -4,6 +4,9 @@
 it is given *in place* (no clone) with a strong weight patch and a model_options change. If a
 cached loader handed out its cached object, the next prompt would inherit the patch.
 
+``MemKitTestEditWeightsInPlace`` writes into the MODEL's weight tensors themselves (the shared
+weight store's isolation check).
+
 ``MemKitTestThirdPartyLoader`` mimics a third-party loader: it registers its own model folder
 (``memkit_test_models``, .safetensors) at import and returns a custom type, ``MEMKIT_TEST_MODEL``,
 an object without a ``clone`` method that records which load produced it.
@@ -71,6 +74,26 @@ class MemKitTestPatchInPlace:
         cached = origin.parts if origin is not None else ()
         handed = "cached object" if any(model is p or clip is p for p in cached) else "clone"
         return (model, clip, f"memkit handed out: {handed}")
+
+
+class MemKitTestEditWeightsInPlace:
+    """Writes into the weights of the MODEL it is given (no patch, no clone): what a node that
+    edits weights in place does. The cached model of this process changes for good; with shared
+    weights, no other process and not the store file may see it."""
+
+    CATEGORY = "memkit_tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "edit"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 node API)
+        return {"required": {"model": ("MODEL",)}}
+
+    def edit(self, model):
+        weight = model.model.diffusion_model.input_blocks[0][0].weight
+        with torch.no_grad():
+            weight.mul_(3.0).add_(0.5)
+        return (model,)
 
 
 class MemKitTestModel:
@@ -219,6 +242,7 @@ NODE_CLASS_MAPPINGS = {
     "MemKitTestSlowLoader": MemKitTestSlowLoader,
     "MemKitTestRememberConditioning": MemKitTestRememberConditioning,
     "MemKitTestPatchInPlace": MemKitTestPatchInPlace,
+    "MemKitTestEditWeightsInPlace": MemKitTestEditWeightsInPlace,
     "MemKitTestThirdPartyLoader": MemKitTestThirdPartyLoader,
     "MemKitTestUseModel": MemKitTestUseModel,
 }
