@@ -378,7 +378,7 @@ def footprint(value: LoadedValue) -> Footprint:
         else:
             ram += storage.nbytes()
     if shared and sharing.mapping is not None:  # pages an in-place edit copied are this process's own
-        written = min(sharing.mapping.private_bytes(), shared)
+        written = min(sharing.mapping.private_bytes(max_age=1.0), shared)
         shared, ram = shared - written, ram + written
     return Footprint(ram, vram, mapped, shared)
 
@@ -453,7 +453,7 @@ def torch_device() -> torch.device:
     return mm.get_torch_device()
 
 
-def _meta_state_dict(header: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def meta_state_dict(header: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """A state dict of meta tensors with a safetensors file's names, dtypes and shapes."""
     state = {}
     for name, info in header.items():
@@ -502,15 +502,16 @@ def _diffusion_model_on_meta(state: dict[str, torch.Tensor], metadata: Any, unet
                                             offload_device=mm.unet_offload_device())
 
 
-def build_on_meta(call: NodeCall, headers: list[dict[str, Any]], unet: dict[str, str] | None) -> tuple[Any, ...]:
+def build_on_meta(call: NodeCall, states: list[tuple[dict[str, torch.Tensor], Any]],
+                  unet: dict[str, str] | None) -> tuple[Any, ...]:
     """What the loader ``call`` returns, built by ComfyUI's constructors on the meta device from
-    its files' headers (no weights read). For ComfyUI's core loaders only; raises ValueError where
-    a loader's file is not what this path knows (the caller then builds from the file)."""
+    its files' meta state dicts and metadata (``meta_state_dict``: no weights read). For ComfyUI's
+    core loaders only; raises ValueError where a loader's file is not what this path knows (the
+    caller then builds from the file)."""
     import comfy.sd
     import folder_paths
 
     inputs = call.kwargs()
-    states = [_meta_state_dict(header) for header in headers]
     meta = torch.device("meta")
     embeddings = folder_paths.get_folder_paths("embeddings")
     if call.node == "CheckpointLoaderSimple" and len(states) == 1:

@@ -223,8 +223,9 @@ def build_from_store(call: NodeCall, mapping: MappedWeights) -> comfy_models.Loa
     if info.get("node") != call.node or not info.get("headers"):
         raise UnshareableError("the store file was written without the model files' headers")
     try:
-        with torch.device("meta"):
-            parts = comfy_models.build_on_meta(call, info["headers"], info.get("unet"))
+        states = [comfy_models.meta_state_dict(header) for header in info["headers"]]
+        with torch.device("meta"):  # what ComfyUI's constructors allocate without naming a device
+            parts = comfy_models.build_on_meta(call, states, info.get("unet"))
     except UnshareableError:
         raise
     except Exception as error:  # a ComfyUI constructor that needs real weights, a changed internal

@@ -33,6 +33,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ FORMAT = 1
 ALIGN = 64
 MANIFEST_MAX_BYTES = 64 * 2**20
 _KEY = re.compile(r"^[0-9a-f]{16,64}$")
+_VMA = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) ", re.MULTILINE)  # a mapping's first line in /proc/<pid>/smaps
+_ANONYMOUS = re.compile(rb"^Anonymous:\s+(\d+) kB", re.MULTILINE)
 _DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
                 "complex64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 _DTYPES = {name: getattr(torch, name) for name in _DTYPE_NAMES if hasattr(torch, name)}
@@ -148,21 +151,17 @@ class MappedWeights:
         """Whether the tensor's memory is (still) this mapping's."""
         return tensor.device.type == "cpu" and self.start <= tensor.untyped_storage().data_ptr() < self.end
 
-    def private_bytes(self) -> int:
+    def private_bytes(self, max_age: float = 0.0) -> int:
         """Bytes of the mapping this process has written to: copy-on-write pages that became its own
-        (an in-place patch), which ``/proc/self/smaps`` counts as anonymous; 0 where it cannot be read."""
-        total, inside = 0, False
-        try:
-            with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
-                for line in smaps:
-                    head = line.split(" ", 1)[0]
-                    if "-" in head and line[0] in "0123456789abcdef":
-                        low, _, high = head.partition("-")
-                        inside = int(low, 16) < self.end and int(high, 16) > self.start
-                    elif inside and line.startswith("Anonymous:"):
-                        total += int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            return 0
+        (an in-place patch), which ``/proc/self/smaps`` counts as anonymous; 0 where it cannot be read.
+        ``max_age``: a reading of smaps that recent will do (the kernel takes tens of ms per read)."""
+        data = _smaps(max_age)
+        total = 0
+        for vma in _VMA.finditer(data):
+            if int(vma.group(1), 16) < self.end and int(vma.group(2), 16) > self.start:
+                field = _ANONYMOUS.search(data, vma.end())
+                if field is not None:
+                    total += int(field.group(1)) * 1024
         return total
 
     def close(self) -> None:
@@ -420,6 +419,25 @@ class WeightStore:
                     and fields[5] == file_id):
                 pids.add(fields[4])
         return len(pids)
+
+
+_smaps_read: tuple[float, bytes] = (-1e9, b"")
+_smaps_lock = threading.Lock()
+
+
+def _smaps(max_age: float) -> bytes:
+    """``/proc/self/smaps``, read again unless a reading at most ``max_age`` seconds old exists."""
+    global _smaps_read
+    with _smaps_lock:
+        taken, data = _smaps_read
+        if time.monotonic() - taken > max_age:
+            try:
+                with open("/proc/self/smaps", "rb") as smaps:
+                    data = smaps.read()
+            except OSError:
+                data = b""
+            _smaps_read = (time.monotonic(), data)
+        return data
 
 
 def _write_tensor(out: Any, tensor: torch.Tensor) -> None:

@@ -257,7 +257,7 @@ function rowView(row) {
 // How an entry holds its weights when the shared weight store is on (see /memkit/status `sharing`).
 function sharingText(sharing) {
   const processes = sharing.processes ? ` · mapped by ${sharing.processes} process${sharing.processes > 1 ? "es" : ""}` : "";
-  if (sharing.state === "mapped") return `shared weights: built from the store${processes}`;
+  if (sharing.state === "mapped") return `shared weights: mapped from the store${processes}`;
   if (sharing.state === "written") return `shared weights: written to the store${processes}`;
   return `weights ${sharing.state === "lost" ? "partly private" : "private"}: ${sharing.reason ?? ""}`;
 }

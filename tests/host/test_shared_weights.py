@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -107,8 +108,11 @@ def test_an_in_place_edit_stays_in_the_copy_that_made_it(sharing_service, store_
     assert torch.equal(other.tensors()[name], original), "another mapping of the file is untouched"
     fresh = WeightStore(store_dir, 1 << 40).open(edited.sharing.store_key)
     assert torch.equal(fresh.tensors()[name], original), "the store file never changes"
-    after = comfy_models.footprint(edited)
     edited_bytes = weight.numel() * weight.element_size()
+    deadline = time.monotonic() + 30  # footprint reuses a reading of /proc/self/smaps up to 1 s old
+    while (after := comfy_models.footprint(edited)).ram - before.ram < edited_bytes * 0.9 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert after.ram - before.ram >= edited_bytes * 0.9, "the copied pages are this process's private RAM"
     assert after.shared <= before.shared - edited_bytes * 0.9
     other.close()
@@ -180,3 +184,19 @@ def test_a_loader_without_a_build_from_the_store_still_shares_after_it_builds(sh
     again = sharing_service().request(load).value
     assert again.sharing.state == "mapped", again.sharing.reason
     assert comfy_models.footprint(again).ram < 1 << 20, "its private copy went once it was pointed at the store"
+
+
+def test_weights_moved_off_the_mapping_show_as_lost_and_count_against_the_budget(sharing_service):
+    """What ComfyUI's offload does to a model moved to the GPU and back (new tensors in RAM), done
+    on the CPU: status must stop calling those bytes shared and the budget must see them."""
+    service = sharing_service()
+    value = service.request(VAE).value
+    (row,) = build_status(service)["entries"]
+    assert row["sharing"]["state"] == "written"
+    value.parts[0].first_stage_model._apply(lambda tensor: tensor.clone())  # every tensor now a private copy
+    service.cache.remeasure()
+    (row,) = build_status(service)["entries"]
+    assert row["sharing"]["state"] == "lost"
+    assert "moved off the shared mapping" in row["sharing"]["reason"]
+    assert row["shared_bytes"] == 0
+    assert row["ram_bytes"] > 300 << 20
