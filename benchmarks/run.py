@@ -965,6 +965,10 @@ def render_sharing(r: dict) -> str:
                          f"{row['available_bytes'] / gb:.2f} GB | {row['pss_bytes'] / one:.2f}× |")
     private = next(run for run in r["runs"] if run["mode"] == "private")["rows"]
     shared = next(run for run in r["runs"] if run["mode"] == "shared")["rows"]
+    growth = (shared[-1]["pss_bytes"] - shared[0]["pss_bytes"]) / (len(shared) - 1)
+    lines += ["", f"With sharing, each server after the first adds {growth / gb:.2f} GB: that server's own process "
+              "(Python, torch, ComfyUI), which no store can share; the weights are in the store once "
+              f"({r['store_bytes'] / gb:.2f} GB)."]
     cold = private[0]["preload_seconds"]
     lines += ["", "Preload time (the sum of the entries' load seconds in `/memkit/status`; files in the page cache; "
               "goal for a second and a restarted server: ≤ 10 % of a cold preload):", "",
