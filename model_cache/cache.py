@@ -326,10 +326,11 @@ class ModelCache:
                     entry.footprint = footprint
 
     def _reserve(self, recipe: LoadRecipe) -> int:
-        """What a load takes in RAM at its peak (``estimate``; at least its files' size), held
-        against the budget until it is measured."""
+        """What a load takes in RAM at its peak (``estimate``, e.g. nothing for a model mapped from
+        the shared weight store; its files' size when the estimate fails), held against the budget
+        until it is measured."""
         try:
-            return max(recipe.file_bytes, int(self._estimate(recipe)))
+            return max(0, int(self._estimate(recipe)))
         except Exception as error:  # an estimate never stops a load
             log.debug("estimating %s failed: %s", recipe.key, error)
             return recipe.file_bytes

@@ -22,6 +22,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import sys
 import uuid
 import weakref
@@ -727,6 +728,17 @@ def ram_headroom_gb() -> float:
     return headroom_from_args(getattr(args, "cache_ram", 0),
                               ram_pressure_is_default=_version(comfy_version()) >= (0, 23) and not other_mode,
                               total_ram_gb=psutil.virtual_memory().total / 2**30)
+
+
+def code_identity(node_id: str) -> str:
+    """The file a node's code is in, with its size and mtime: a loader pack updated in place may
+    build other tensors from the same model file."""
+    try:
+        path = inspect.getsourcefile(_node_class(node_id)) or ""
+        info = os.stat(path)
+    except Exception:  # no such node, built-in code: the ComfyUI version is all there is
+        return "unknown"
+    return f"{path}:{info.st_size}:{info.st_mtime_ns}"
 
 
 def comfy_version() -> str:

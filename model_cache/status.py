@@ -41,7 +41,8 @@ def _describe(cache_key: str, recipe: LoadRecipe, footprint: Footprint, state: s
 
 def sharing_row(service: MemKitService, entry: CacheEntry) -> dict[str, Any] | None:
     """How a cached entry holds its weights when the shared weight store is on: ``mapped`` (built
-    from the store), ``written`` (built from its file, then written and mapped), ``lost`` (some
+    from the store), ``mapped-after-load`` (built from its file, then pointed at the store's copy),
+    ``written`` (built from its file, then written and mapped), ``lost`` (some
     weights became private: moved to the GPU and back, or written in place) or ``private`` with
     the reason; and
     how many processes map its store file (None where that cannot be known)."""
@@ -49,7 +50,7 @@ def sharing_row(service: MemKitService, entry: CacheEntry) -> dict[str, Any] | N
     if service.sharing is None or sharing is None:
         return None
     state, reason = sharing.state, sharing.reason
-    if state in ("mapped", "written") and entry.footprint.shared < sharing.nbytes:
+    if state in ("mapped", "mapped-after-load", "written") and entry.footprint.shared < sharing.nbytes:
         moved = sharing.nbytes - entry.footprint.shared
         state, reason = "lost", (f"{moved / 2**20:.0f} MB of its weights are this process's own now (moved off the "
                                  "shared mapping, e.g. to the GPU and back, or written in place)")

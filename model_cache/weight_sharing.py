@@ -29,13 +29,14 @@ import torch
 
 from . import comfy_models
 from .recipe import LoadRecipe, NodeCall
-from .weight_store import Manifest, MappedWeights, StoreError, WeightStore
+from .weight_store import FORMAT, Manifest, MappedWeights, StoreError, WeightStore
 
 log = logging.getLogger("memkit")
 
 FAST_LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "VAELoader", "CLIPLoader", "DualCLIPLoader")
 # ComfyUI's options that change the tensors it builds (dtype, device placement)
-_BUILD_OPTIONS = ("cpu", "gpu_only", "highvram", "normalvram", "lowvram", "novram", "force_fp32", "force_fp16",
+_BUILD_OPTIONS = ("reserve_vram", "disable_smart_memory", "cpu", "gpu_only", "highvram", "normalvram", "lowvram",
+                  "novram", "force_fp32", "force_fp16",
                   "fp32_unet", "fp64_unet", "bf16_unet", "fp16_unet", "fp8_e4m3fn_unet", "fp8_e5m2_unet",
                   "fp8_e8m0fnu_unet", "fp16_vae", "fp32_vae", "bf16_vae", "cpu_vae", "fp8_e4m3fn_text_enc",
                   "fp8_e5m2_text_enc", "fp16_text_enc", "fp32_text_enc", "bf16_text_enc", "directml",
@@ -49,8 +50,9 @@ class UnshareableError(RuntimeError):
 
 @dataclass
 class Sharing:
-    """How a cached value holds its weights: ``mapped`` (built from the store), ``written`` (built
-    from its file, then written to the store and mapped), or ``private`` with the reason."""
+    """How a cached value holds its weights: ``mapped`` (built from the store, no model file read),
+    ``mapped-after-load`` (built from its file, then pointed at the store's copy), ``written``
+    (built from its file, then written to the store and mapped), or ``private`` with the reason."""
 
     state: str
     store_key: str = ""
@@ -71,7 +73,8 @@ def store_key(recipe: LoadRecipe) -> str:
     device = str(comfy_models.torch_device())
     if torch.cuda.is_available() and device.startswith("cuda"):
         device += ":" + torch.cuda.get_device_name()
-    parts = [recipe.key, comfy_models.comfy_version(), torch.__version__, device, options]
+    parts = [FORMAT, recipe.key, comfy_models.comfy_version(), comfy_models.code_identity(recipe.call.node),
+             torch.__version__, device, options]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -203,12 +206,15 @@ def build_info(value: comfy_models.LoadedValue, recipe: LoadRecipe, aliases: dic
 
 
 def is_stale(manifest: Manifest) -> bool:
-    """A stored model whose model file is gone or changed (size, mtime, inode or ctime)."""
+    """A stored model whose model file is gone or changed (size, mtime, inode or ctime); a file
+    that cannot be read now is not taken for changed (the cap removes what nobody maps)."""
     for path, size, mtime_ns, inode, ctime_ns in manifest.info.get("sources", []):
         try:
             now = os.stat(path)
-        except OSError:
+        except FileNotFoundError:
             return True
+        except OSError:  # unreadable now (a mount away, permissions): not known to have changed
+            continue
         if (now.st_size, now.st_mtime_ns, now.st_ino, now.st_ctime_ns) != (size, mtime_ns, inode, ctime_ns):
             return True
     return False
@@ -253,49 +259,81 @@ class WeightSharing:
         self.wait_seconds = wait_seconds  # for another process writing the same model
         self.reclaim = reclaim  # hands freed heap back to the OS (the private copies just dropped)
         self._logged: set[str] = set()
+        self._no_build: set[str] = set()  # keys whose build from the store failed in this process
 
     def load(self, recipe: LoadRecipe, from_file: Callable[[], comfy_models.LoadedValue],
              interrupted: Callable[[], bool] | None = None) -> comfy_models.LoadedValue:
-        """The recipe's value with its weights on the store's mapping where possible."""
+        """The recipe's value with its weights on the store's mapping where possible. Only
+        ``from_file``'s own errors (and interrupts) leave here: sharing that fails leaves a
+        private copy with the reason."""
+        built: list[comfy_models.LoadedValue] = []
+        failed: list[BaseException] = []
+
+        def load_file() -> comfy_models.LoadedValue:
+            try:
+                built.append(from_file())
+            except BaseException as error:
+                failed.append(error)
+                raise
+            return built[-1]
+
         try:
             key = store_key(recipe)
-        except Exception as error:  # never fail a load over sharing
-            value = from_file()
-            self._private(value, recipe, f"no store key: {error}")
+            value = self._from_store(recipe, key)
+            if value is not None:
+                return value
+            if self._needs_no_writer(recipe, key):  # it will only map what is there: no lock to wait on
+                value = load_file()
+                self._share(value, recipe, key, may_write=False)
+                return value
+            with self.store.writer_lock(key, self.wait_seconds, interrupted) as locked:
+                if not locked and interrupted is not None and interrupted():
+                    comfy_models.raise_interrupt()
+                if locked:
+                    value = self._from_store(recipe, key)  # written by another process while this one waited
+                    if value is not None:
+                        return value
+                value = load_file()
+                self._share(value, recipe, key, may_write=locked)
             return value
-        value = self._from_store(recipe, key)
-        if value is not None:
+        except Exception as error:
+            if comfy_models.is_interrupt(error) or any(error is f for f in failed):
+                raise  # the load's own failure (or a stop), not the store's
+            value = built[-1] if built else load_file()
+            self._private(value, recipe, f"{type(error).__name__}: {error}")
             return value
-        with self.store.writer_lock(key, self.wait_seconds, interrupted) as locked:
-            if locked:
-                value = self._from_store(recipe, key)  # written by another process while this one waited
-                if value is not None:
-                    return value
-            value = from_file()
-            self._share(value, recipe, key, may_write=locked)
-        return value
+
+    def _needs_no_writer(self, recipe: LoadRecipe, key: str) -> bool:
+        """A complete file is there already, and this process builds from the model file anyway."""
+        return (recipe.call.node not in FAST_LOADERS or key in self._no_build) and self.store.manifest(key) is not None
 
     def expects_store_hit(self, recipe: LoadRecipe) -> bool:
         """Whether a load of the recipe will be built from the store (it then reads no model file)."""
         try:
-            manifest = self.store.manifest(store_key(recipe))
+            key = store_key(recipe)
+            manifest = self.store.manifest(key)
         except Exception:
             return False
-        return manifest is not None and recipe.call.node in FAST_LOADERS and bool(manifest.info.get("headers"))
+        return (manifest is not None and recipe.call.node in FAST_LOADERS and key not in self._no_build
+                and bool(manifest.info.get("headers")))
 
     def _from_store(self, recipe: LoadRecipe, key: str) -> comfy_models.LoadedValue | None:
-        if recipe.call.node not in FAST_LOADERS:
+        if recipe.call.node not in FAST_LOADERS or key in self._no_build:
             return None  # built from its file; its tensors are then pointed at the store's copy
         mapping = self.store.open(key)
         if mapping is None:
             return None
         try:
             value = build_from_store(recipe.call, mapping)
-        except UnshareableError as error:
+            self._attach(value, Sharing("mapped", key, mapping=mapping, nbytes=_stored_bytes(mapping)))
+        except Exception as error:
             mapping.close()
-            self._note(key, f"[memkit] shared weights: {_label(recipe)} is built from its file ({error})")
+            if comfy_models.is_interrupt(error):
+                raise
+            self._no_build.add(key)  # not again in this process: the next loads go the plain way at once
+            self._note(key, f"[memkit] shared weights: {_label(recipe)} is built from its file "
+                            f"({type(error).__name__}: {str(error)[:300]})")
             return None
-        self._attach(value, Sharing("mapped", key, mapping=mapping, nbytes=_stored_bytes(mapping)))
         return value
 
     def _share(self, value: comfy_models.LoadedValue, recipe: LoadRecipe, key: str, may_write: bool) -> None:
@@ -303,7 +341,7 @@ class WeightSharing:
         try:
             tensors, aliases = shareable_tensors(value)
             mapping = self.store.open(key)
-            state = "mapped"
+            state = "mapped-after-load"
             if mapping is None:
                 if not may_write:
                     raise UnshareableError("another process held the store's writer lock past the wait")
@@ -314,10 +352,14 @@ class WeightSharing:
                     raise UnshareableError("the file just written could not be mapped")
             del tensors
             nbytes = rebind(value, mapping)
-        except (UnshareableError, StoreError) as error:
+        except Exception as error:
             if mapping is not None:
                 mapping.close()
-            self._private(value, recipe, str(error))
+            if comfy_models.is_interrupt(error):
+                raise
+            reason = str(error) if isinstance(error, UnshareableError | StoreError) else \
+                f"{type(error).__name__}: {error}"
+            self._private(value, recipe, reason)
             return
         self._attach(value, Sharing(state, key, mapping=mapping, nbytes=nbytes))
         if self.reclaim is not None:

@@ -179,6 +179,7 @@ class WeightStore:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the directory ``prepare`` checked
 
     # --- the directory --------------------------------------------------------------------
 
@@ -196,6 +197,21 @@ class WeightStore:
             raise StoreError(f"{self.directory} belongs to uid {info.st_uid}, not this user ({os.getuid()})")
         if info.st_mode & 0o022:
             raise StoreError(f"{self.directory} is writable by others (mode {oct(info.st_mode & 0o777)})")
+        self._identity = (info.st_dev, info.st_ino)
+
+    def check(self) -> None:
+        """Raise StoreError unless the directory is still the one ``prepare`` checked: /dev/shm is
+        writable by every user, so a directory removed meanwhile (``rm -r``, systemd's RemoveIPC at
+        logout) could be made again by someone else, with files this process would map as weights."""
+        if self._identity is None:  # first use: check it (or make it) now
+            self.prepare()
+            return
+        try:
+            info = os.lstat(self.directory)
+        except OSError as error:
+            raise StoreError(f"{self.directory} is gone ({error.strerror or error})") from None
+        if (info.st_dev, info.st_ino) != self._identity or info.st_uid != os.getuid():
+            raise StoreError(f"{self.directory} is not the directory this process checked any more")
 
     def free_bytes(self) -> int:
         stats = os.statvfs(self.directory)
@@ -210,21 +226,36 @@ class WeightStore:
 
     def open(self, key: str) -> MappedWeights | None:
         """Map the key's file copy-on-write, or None when the store has no complete file for it.
-        A file that does not match its manifest is removed (when unmapped) and is a miss."""
+        A file that does not match its manifest is removed (when unmapped) and is a miss. Raises
+        StoreError when the directory is not the one checked."""
+        self.check()
         weights, manifest_path, _ = self._paths(key)
         try:
             text = _read_small(manifest_path)
-            fd = os.open(weights, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(weights, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning("[memkit] shared weights: cannot read %s (%s)", manifest_path.name, str(error)[:200])
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid():
+                raise OSError(f"{weights.name} belongs to uid {info.st_uid}")
+            try:
+                now = os.stat(weights)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                os.close(fd)  # removed or replaced meanwhile: a miss, nothing to remove
+                return None
             manifest = Manifest.from_json(text, key)
-            size = os.fstat(fd).st_size
-            if size != manifest.size:
-                raise ValueError(f"{size} bytes on disk, the manifest says {manifest.size}")
-            base = (torch.from_file(str(weights), shared=False, size=size, dtype=torch.uint8)
-                    if size else None)
+            if info.st_size != manifest.size:
+                raise ValueError(f"{info.st_size} bytes on disk, the manifest says {manifest.size}")
+            # through the locked descriptor: the file mapped is the file whose lock this process holds
+            base = (torch.from_file(f"/proc/self/fd/{fd}", shared=False, size=info.st_size, dtype=torch.uint8)
+                    if info.st_size else None)
         except (ValueError, KeyError, TypeError, OSError, RuntimeError) as error:
             os.close(fd)
             log.warning("[memkit] shared weights: %s is unusable (%s); removing it", weights.name, str(error)[:200])
@@ -250,7 +281,8 @@ class WeightStore:
         """Hold the key's writer lock (True), or give up after ``wait_seconds`` (False): another
         process is building the same model and the caller builds privately."""
         _, _, lock_path = self._paths(key)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.check()
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             deadline = time.monotonic() + wait_seconds
             while True:
@@ -279,6 +311,10 @@ class WeightStore:
             layout.append(StoredTensor(name, dtype, tuple(tensor.shape), size))
             size += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
         manifest = Manifest(key, size, tuple(layout), info)
+        text = manifest.to_json()
+        if len(text) > MANIFEST_MAX_BYTES:
+            raise StoreError(f"its manifest would be {len(text)} bytes, over {MANIFEST_MAX_BYTES}")
+        self.check()
         self.make_room(size, keep=key)
         if size > self.max_bytes - self.used_bytes(exclude=key):
             raise StoreError(f"{_gb(size)} would take the store over its cap of {_gb(self.max_bytes)} "
@@ -288,12 +324,13 @@ class WeightStore:
         suffix = f".tmp.{os.getpid()}"
         data_tmp, manifest_tmp = Path(f"{weights}{suffix}"), Path(f"{manifest_path}{suffix}")
         try:
-            with open(data_tmp, "wb") as out:
+            with _create(data_tmp) as out:
                 for item, (_, tensor) in zip(layout, items):
                     out.seek(item.offset)
                     _write_tensor(out, tensor)
                 out.truncate(size)
-            manifest_tmp.write_text(manifest.to_json(), encoding="utf-8")
+            with _create(manifest_tmp) as out:
+                out.write(text.encode("utf-8"))
             os.replace(data_tmp, weights)
             os.replace(manifest_tmp, manifest_path)  # last: a manifest means complete weights
         except BaseException as error:
@@ -314,8 +351,8 @@ class WeightStore:
 
     def used_bytes(self, exclude: str | None = None) -> int:
         total = 0
-        for path in self.directory.glob("*.weights"):
-            if path.stem != exclude:
+        for path in [*self.directory.glob("*.weights"), *self.directory.glob("*.tmp.*")]:
+            if path.name.split(".", 1)[0] != exclude:
                 with contextlib.suppress(OSError):
                     total += path.stat().st_size
         return total
@@ -354,7 +391,7 @@ class WeightStore:
         for key in sorted((k for k in self.keys() if k != keep), key=last_mapped):
             if self.used_bytes(exclude=keep) + size <= self.max_bytes:
                 break
-            if self.remove_if_unmapped(key):
+            if self._writer_gone(key) and self.remove_if_unmapped(key):
                 removed.append(key)
                 log.info("[memkit] shared weights: removed %s (least recently mapped; store over its cap)", key)
         return removed
@@ -363,20 +400,19 @@ class WeightStore:
         """Remove what no process will use: files of writers that died mid-write, weights without a
         manifest, and stale files (``is_stale``: e.g. their model file changed) no process maps."""
         removed = []
-        for path in self.directory.iterdir():
-            name = path.name
-            if ".tmp." in name:
-                pid = name.rsplit(".", 1)[-1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                        removed.append(name)
+        for path in self.directory.glob("*.tmp.*"):
+            key = path.name.split(".", 1)[0]
+            if _KEY.match(key) and self._writer_gone(key):  # no writer holds its lock: dead or done
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path.name)
         for key in {p.stem for p in self.directory.glob("*.weights")} - set(self.keys()):
             if _KEY.match(key) and self._writer_gone(key) and self.remove_if_unmapped(key):
                 removed.append(key)
         for key in self.keys():
             manifest = self.manifest(key)
-            if manifest is not None and is_stale(manifest) and self.remove_if_unmapped(key):
+            if manifest is not None and is_stale(manifest) and self._writer_gone(key) \
+                    and self.remove_if_unmapped(key):
                 removed.append(key)
                 log.info("[memkit] shared weights: removed %s (its model file changed)", key)
         for lock in self.directory.glob("*.lock"):  # of removed files, once no writer holds them
@@ -450,22 +486,19 @@ def _write_tensor(out: Any, tensor: torch.Tensor) -> None:
         out.write(memoryview(raw[start:start + step].numpy()))
 
 
+def _create(path: Path) -> Any:
+    """A new file of this user's only (0600), never through a link and never an existing file."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a leftover of this process's own earlier, failed write
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb")
+
+
 def _read_small(path: Path) -> str:
     with open(path, "rb") as handle:
         data = handle.read(MANIFEST_MAX_BYTES + 1)
     if len(data) > MANIFEST_MAX_BYTES:
         raise ValueError(f"{path.name} is over {MANIFEST_MAX_BYTES} bytes")
     return data.decode("utf-8")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _gb(size: int) -> str:

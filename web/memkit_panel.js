@@ -258,6 +258,7 @@ function rowView(row) {
 function sharingText(sharing) {
   const processes = sharing.processes ? ` · mapped by ${sharing.processes} process${sharing.processes > 1 ? "es" : ""}` : "";
   if (sharing.state === "mapped") return `shared weights: mapped from the store${processes}`;
+  if (sharing.state === "mapped-after-load") return `shared weights: loaded, then mapped from the store${processes}`;
   if (sharing.state === "written") return `shared weights: written to the store${processes}`;
   return `weights ${sharing.state === "lost" ? "partly private" : "private"}: ${sharing.reason ?? ""}`;
 }

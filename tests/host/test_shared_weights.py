@@ -182,7 +182,7 @@ def test_a_loader_without_a_build_from_the_store_still_shares_after_it_builds(sh
     release()
     gc.collect()
     again = sharing_service().request(load).value
-    assert again.sharing.state == "mapped", again.sharing.reason
+    assert again.sharing.state == "mapped-after-load", again.sharing.reason
     assert comfy_models.footprint(again).ram < 1 << 20, "its private copy went once it was pointed at the store"
 
 
@@ -200,3 +200,16 @@ def test_weights_moved_off_the_mapping_show_as_lost_and_count_against_the_budget
     assert "moved off the shared mapping" in row["sharing"]["reason"]
     assert row["shared_bytes"] == 0
     assert row["ram_bytes"] > 300 << 20
+
+
+def test_a_store_directory_made_again_meanwhile_is_never_used_and_the_load_still_works(sharing_service, store_dir):
+    """/dev/shm is every user's: a store directory removed while ComfyUI runs (``rm -r``, logind's
+    RemoveIPC) could be made again by someone else, with files this process would map as weights."""
+    service = sharing_service()
+    shutil.rmtree(store_dir)
+    store_dir.mkdir(mode=0o700)  # the same name, another directory
+    value = service.request(VAE).value
+    assert value.sharing.state == "private"
+    assert "not the directory this process checked" in value.sharing.reason
+    assert comfy_models.footprint(value).ram > 300 << 20, "a private copy, loaded as without sharing"
+    assert list(store_dir.iterdir()) == [], "nothing written to or read from the new directory"

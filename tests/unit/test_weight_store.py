@@ -284,10 +284,12 @@ def test_a_writer_killed_mid_write_leaves_nothing_a_reader_uses(store, root, spa
     assert key not in set(store.keys())
     with store.writer_lock(key, 5) as held:  # the kernel let go of the dead writer's lock
         assert held is True
-    removed = store.sweep(lambda manifest: False)
+    with store.writer_lock("e" * 16, 5) as writing:  # a live writer holds its key's lock
+        assert writing is True
+        removed = store.sweep(lambda manifest: False)
 
     assert set(leftovers) <= set(removed)
-    assert tmp_files(store) == [live_tmp.name]
+    assert tmp_files(store) == [live_tmp.name], "a temporary file whose writer holds the lock is kept"
     assert not (store.directory / f"{key}.weights").exists()  # also when killed between the two renames
     assert not (store.directory / f"{key}.json").exists()
 
