@@ -222,7 +222,7 @@ def cmd_test(args: argparse.Namespace) -> None:
     models = ensure_fixtures(python, comfyui, ["core", "loaders", "vaes"])
     browser = {} if args.fast else {"MEMKIT_CHROMIUM": str(ensure_browser(python))}  # the page tests are slow
     env = host_env(comfyui, MEMKIT_MODELS=str(models), MEMKIT_PYTHON_HOST=str(python), **browser)
-    cmd = [str(python), "-m", "pytest", *(["-m", "not slow"] if args.fast else []), *args.pytest]
+    cmd = [str(python), "-m", "pytest", "--durations=20", *(["-m", "not slow"] if args.fast else []), *args.pytest]
     _run([python, "-m", "ruff", "check", str(REPO)], cwd=REPO)
     _run(cmd, cwd=REPO, env=env)
 
