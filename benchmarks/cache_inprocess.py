@@ -10,7 +10,6 @@ process with the file already in the page cache.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import sys
@@ -18,16 +17,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
 
-
-def evict_from_page_cache(path: str) -> None:
-    """Ask the kernel to drop the file's cached pages (no root needed for clean pages)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+from support.memory import drop_from_page_cache  # noqa: E402
 
 
 def read_into_page_cache(path: str) -> None:
@@ -38,7 +30,6 @@ def read_into_page_cache(path: str) -> None:
 
 def main() -> None:
     mode, checkpoint = sys.argv[1], sys.argv[2]
-    sys.path.insert(0, str(REPO / "tests"))
     from support.comfy_host import import_comfy
 
     import_comfy()
@@ -50,7 +41,7 @@ def main() -> None:
     name = Path(checkpoint).name
     result: dict = {"mode": mode}
     if mode == "core-cold":
-        evict_from_page_cache(checkpoint)
+        drop_from_page_cache(checkpoint)
         started = time.perf_counter()
         nodes.CheckpointLoaderSimple().load_checkpoint(name)
         result["seconds"] = time.perf_counter() - started

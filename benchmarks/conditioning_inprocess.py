@@ -38,14 +38,13 @@ def timed(call, repeat: int = 1) -> float:
 def main() -> None:
     mode, user_dir, folder, *names = sys.argv[1:]
     sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(HERE))
     from support.comfy_host import import_comfy
 
     import_comfy()
     import conftest  # noqa: F401  (imports this repository as comfyui_memkit)
     import folder_paths
     import nodes
-    from cache_inprocess import evict_from_page_cache
+    from support.memory import drop_from_page_cache
 
     from comfyui_memkit.model_cache.config import PreloadConfig
     from comfyui_memkit.model_cache.loads import Load
@@ -69,7 +68,7 @@ def main() -> None:
                       "type": clip_type, "text": TEXT}
     if mode == "load-cold":
         for path in paths:
-            evict_from_page_cache(path)
+            drop_from_page_cache(path)
         result["load_seconds"] = timed(core_load)
     elif mode == "encode":
         core_load()  # the files are in the page cache from here on

@@ -289,7 +289,9 @@ def encode_text(clip: Any, text: str) -> list:
 
 # --- measuring and placing -------------------------------------------------------------------
 
-def _module_of(part: Any) -> torch.nn.Module | None:
+def module_of(part: Any) -> torch.nn.Module | None:
+    """The torch module holding a part's weights: the part itself, or a ModelPatcher's ``model``,
+    a CLIP's ``cond_stage_model``, a VAE's ``first_stage_model``; None for other objects."""
     if isinstance(part, torch.nn.Module):
         return part
     for attribute in ("model", "cond_stage_model", "first_stage_model"):
@@ -301,7 +303,7 @@ def _module_of(part: Any) -> torch.nn.Module | None:
 
 def _tensors(value: LoadedValue) -> Iterable[torch.Tensor]:
     for part in value.parts:
-        module = _module_of(part) if part is not None else None
+        module = module_of(part) if part is not None else None
         if module is not None:
             yield from module.parameters()
             yield from module.buffers()
@@ -562,7 +564,7 @@ def devices(value: LoadedValue) -> str:
     """Where the weights are now, e.g. ``cpu`` or ``cpu,cuda:0`` (ComfyUI moves them as it needs)."""
     found = set()
     for part in value.parts:
-        module = _module_of(part) if part is not None else None
+        module = module_of(part) if part is not None else None
         tensor = next(iter(module.parameters()), None) if module is not None else None
         if tensor is not None:
             found.add(str(tensor.device))

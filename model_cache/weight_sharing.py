@@ -41,7 +41,6 @@ _BUILD_OPTIONS = ("reserve_vram", "disable_smart_memory", "cpu", "gpu_only", "hi
                   "fp8_e8m0fnu_unet", "fp16_vae", "fp32_vae", "bf16_vae", "cpu_vae", "fp8_e4m3fn_text_enc",
                   "fp8_e5m2_text_enc", "fp16_text_enc", "fp32_text_enc", "bf16_text_enc", "directml",
                   "cuda_device", "force_channels_last", "supports_fp8_compute", "fast", "disable_mmap")
-_MODULE_ATTRIBUTES = ("model", "cond_stage_model", "first_stage_model")
 
 
 class UnshareableError(RuntimeError):
@@ -89,11 +88,7 @@ def _modules(value: comfy_models.LoadedValue) -> list[tuple[int, torch.nn.Module
     for index, part in enumerate(value.parts):
         if part is None:
             continue
-        module = part if isinstance(part, torch.nn.Module) else None
-        for attribute in _MODULE_ATTRIBUTES:
-            candidate = getattr(part, attribute, None)
-            if module is None and isinstance(candidate, torch.nn.Module):
-                module = candidate
+        module = comfy_models.module_of(part)
         if module is None:
             raise UnshareableError(f"its output {index} ({type(part).__name__}) holds no torch module")
         found.append((index, module))
@@ -138,10 +133,9 @@ def shareable_tensors(value: comfy_models.LoadedValue) -> tuple[list[tuple[str, 
     return unique, aliases
 
 
-def rebind(value: comfy_models.LoadedValue, mapping: MappedWeights) -> int:
+def rebind(value: comfy_models.LoadedValue, mapping: MappedWeights) -> None:
     """Point every parameter and buffer at its view of the mapping. Checked whole before anything
-    changes: names, dtypes and shapes must be the stored ones (UnshareableError otherwise). Returns the
-    bytes now on the mapping."""
+    changes: names, dtypes and shapes must be the stored ones (UnshareableError otherwise)."""
     views = mapping.tensors()
     aliases = mapping.manifest.info.get("aliases", {})
     slots = _slots(value)
@@ -164,7 +158,6 @@ def rebind(value: comfy_models.LoadedValue, mapping: MappedWeights) -> int:
             module._parameters[attribute] = replacement
         else:
             module._buffers[attribute] = view
-    return sum(views[name].numel() * views[name].element_size() for name in views)
 
 
 def _meta_leftovers(value: comfy_models.LoadedValue) -> list[str]:
@@ -351,7 +344,7 @@ class WeightSharing:
                 if mapping is None:
                     raise UnshareableError("the file just written could not be mapped")
             del tensors
-            nbytes = rebind(value, mapping)
+            rebind(value, mapping)
         except Exception as error:
             if mapping is not None:
                 mapping.close()
@@ -361,7 +354,7 @@ class WeightSharing:
                 f"{type(error).__name__}: {error}"
             self._private(value, recipe, reason)
             return
-        self._attach(value, Sharing(state, key, mapping=mapping, nbytes=nbytes))
+        self._attach(value, Sharing(state, key, mapping=mapping, nbytes=_stored_bytes(mapping)))
         if self.reclaim is not None:
             self.reclaim()
 

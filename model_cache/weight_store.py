@@ -360,23 +360,13 @@ class WeightStore:
     def remove_if_unmapped(self, key: str) -> bool:
         """Remove the key's files unless a process maps them (it holds the file's shared lock)."""
         weights, manifest_path, _ = self._paths(key)
-        try:
-            fd = os.open(weights, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                manifest_path.unlink()
-            return True
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with _exclusive(weights, os.O_RDONLY) as taken:
+            if taken is False:
                 return False
             for path in (manifest_path, weights):  # the writer lock stays: a writer may hold it now
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             return True
-        finally:
-            os.close(fd)
 
     def make_room(self, size: int, keep: str | None = None) -> list[str]:
         """Remove unmapped files, least recently mapped first, until ``size`` more bytes fit under
@@ -424,17 +414,8 @@ class WeightStore:
 
     def _writer_gone(self, key: str) -> bool:
         _, _, lock_path = self._paths(key)
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
+        with _exclusive(lock_path, os.O_RDWR) as taken:
+            return taken is not False
 
     def mappers(self, key: str) -> int | None:
         """How many processes map the key's file (from ``/proc/locks``), None where unknown."""
@@ -484,6 +465,26 @@ def _write_tensor(out: Any, tensor: torch.Tensor) -> None:
     step = max(1, (64 * 2**20) // max(1, raw.element_size()))
     for start in range(0, raw.numel(), step):  # 64 MB at a time: no second copy of a big tensor
         out.write(memoryview(raw[start:start + step].numpy()))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, flags: int) -> Iterator[bool | None]:
+    """Try an exclusive flock on ``path`` without waiting, held for the block: None when there is
+    no such file, else whether the lock was taken (False: a process holds the file's lock)."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken = True
+        except BlockingIOError:
+            taken = False
+        yield taken
+    finally:
+        os.close(fd)
 
 
 def _create(path: Path) -> Any:

@@ -48,7 +48,7 @@ def state_of(value) -> dict[str, torch.Tensor]:
     """Every tensor of every part, by part and name."""
     tensors = {}
     for index, part in enumerate(value.parts):
-        module = comfy_models._module_of(part)
+        module = comfy_models.module_of(part)
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             tensors[f"{index}.{name}"] = tensor
     return tensors
